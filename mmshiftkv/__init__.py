@@ -1,0 +1,42 @@
+"""mmshiftkv: prefill-time KV cache compression for multimodal LLMs (MM-ShiftKV and baselines).
+
+>>> from mmshiftkv import ShiftKVPress
+>>> with ShiftKVPress(budget=64)(model):
+...     model.generate(**inputs)
+"""
+
+from mmshiftkv.models.adapter import SUPPORTED_FAMILIES, UnsupportedModelError, get_adapter
+from mmshiftkv.presses import (
+    PRESSES,
+    BudgetedPress,
+    BudgetPress,
+    CompressionSkippedWarning,
+    CompressionStats,
+    ExpectedAttentionPress,
+    FullKVPress,
+    KeyDiffPress,
+    LastAttnPress,
+    ShiftKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESSES",
+    "SUPPORTED_FAMILIES",
+    "BudgetPress",
+    "BudgetedPress",
+    "CompressionSkippedWarning",
+    "CompressionStats",
+    "ExpectedAttentionPress",
+    "FullKVPress",
+    "KeyDiffPress",
+    "LastAttnPress",
+    "ShiftKVPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "UnsupportedModelError",
+    "get_adapter",
+]

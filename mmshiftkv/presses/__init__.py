@@ -1,0 +1,39 @@
+"""Presses: which prompt tokens each KV head keeps after prefill."""
+
+from mmshiftkv.presses.base import BudgetedPress, CompressionSkippedWarning, CompressionStats
+from mmshiftkv.presses.budget_press import BudgetPress
+from mmshiftkv.presses.expected_attention import ExpectedAttentionPress
+from mmshiftkv.presses.full_kv import FullKVPress
+from mmshiftkv.presses.keydiff import KeyDiffPress
+from mmshiftkv.presses.last_attn import LastAttnPress
+from mmshiftkv.presses.selection import select_kept_indices
+from mmshiftkv.presses.shiftkv import ShiftKVPress
+from mmshiftkv.presses.snapkv import SnapKVPress
+from mmshiftkv.presses.streaming_llm import StreamingLLMPress
+
+#: Every press class by its name, as the CLI and the demo accept them.
+PRESSES: dict[str, type[BudgetedPress]] = {
+    "full": FullKVPress,
+    "shiftkv": ShiftKVPress,
+    "snapkv": SnapKVPress,
+    "streaming_llm": StreamingLLMPress,
+    "keydiff": KeyDiffPress,
+    "expected_attention": ExpectedAttentionPress,
+    "last_attn": LastAttnPress,
+}
+
+__all__ = [
+    "PRESSES",
+    "BudgetPress",
+    "BudgetedPress",
+    "CompressionSkippedWarning",
+    "CompressionStats",
+    "ExpectedAttentionPress",
+    "FullKVPress",
+    "KeyDiffPress",
+    "LastAttnPress",
+    "ShiftKVPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "select_kept_indices",
+]

@@ -1,0 +1,68 @@
+"""Attention of chosen prefill queries over the prompt keys, shared by the attention-based presses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmshiftkv.models.adapter import ModelAdapter
+
+
+def mean_over_query_groups(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Average the query heads that share a KV head.
+
+    ``(batch, q_heads, ...)`` -> ``(batch, kv_heads, ...)``; KV head ``h`` serves query heads
+    ``[h*r, (h+1)*r)`` (the ``repeat_kv`` layout of Hugging Face models).
+    """
+    batch, q_heads = per_query_head.shape[:2]
+    return per_query_head.view(batch, kv_heads, q_heads // kv_heads, *per_query_head.shape[2:]).mean(2)
+
+
+def prompt_query_attention(
+    adapter: ModelAdapter,
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    n_queries: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the last ``n_queries`` prompt tokens over all prompt keys, as prefill computed it.
+
+    Parameters
+    ----------
+    hidden_states : torch.Tensor
+        Attention input, ``(batch, seq_len, hidden)``.
+    keys : torch.Tensor
+        RoPE'd prompt keys, ``(batch, kv_heads, seq_len, head_dim)``.
+    positions : torch.Tensor
+        Prefill positions, ``(batch, seq_len)`` or ``(3, batch, seq_len)`` (M-RoPE).
+    key_mask : torch.Tensor or None
+        ``(batch, seq_len)`` bool, True for real tokens.
+    n_queries : int
+        How many trailing prompt tokens act as queries.
+
+    Returns
+    -------
+    probs : torch.Tensor
+        ``(batch, q_heads, n_queries, seq_len)`` float32 softmax (causal, padding excluded); rows of
+        padding queries are zero.
+    query_valid : torch.Tensor
+        ``(batch, n_queries)`` bool, False for padding queries.
+    """
+    batch, kv_heads, seq_len, _ = keys.shape
+    queries = adapter.query_states(module, hidden_states[:, -n_queries:])
+    queries = adapter.apply_rope(queries, positions[..., -n_queries:])
+    q_heads = queries.shape[1]
+    expanded = keys.repeat_interleave(q_heads // kv_heads, dim=1)
+    logits = torch.matmul(queries.float(), expanded.float().transpose(-1, -2)) * module.scaling
+
+    query_index = torch.arange(seq_len - n_queries, seq_len, device=keys.device)
+    visible = torch.arange(seq_len, device=keys.device)[None, :] <= query_index[:, None]
+    visible = visible[None].expand(batch, -1, -1)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, :]
+    query_valid = visible.any(-1)
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs, query_valid

@@ -1,0 +1,113 @@
+"""Expected attention: score keys by the attention a Gaussian model of future queries would pay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmshiftkv.presses.attention import mean_over_query_groups
+from mmshiftkv.presses.base import BudgetedPress
+
+
+@dataclass
+class ExpectedAttentionPress(BudgetedPress):
+    """Expected attention (Devoto et al., 2025) with M-RoPE-correct future positions.
+
+    Following kvpress's algorithm: the mean ``mu`` and covariance ``S`` of the pre-RoPE prompt
+    queries (the first ``n_sink`` real tokens excluded) are rotated by the RoPE matrix averaged over
+    the next ``n_future_positions`` decode positions, ``R = mean_p R(p)``; the score of key ``k`` is
+    ``softmax_t(k.R mu * s + 1/2 * k^T R S R^T k * s^2)`` (``s`` the attention scaling), averaged
+    over the query heads of a KV head and multiplied by ``||v||``. The future positions start at the
+    true next decode position (``max(prompt positions) + 1``: Qwen2-VL's ``rope_deltas`` included)
+    instead of kvpress's ``seq_len``, which also fixes kvpress's crash on 3-D M-RoPE positions. Sinks
+    are always kept.
+
+    Parameters
+    ----------
+    n_future_positions : int, default=512
+        Future decode positions the rotation is averaged over.
+    n_sink : int, default=4
+        First real prompt tokens excluded from the statistics and always kept.
+    use_covariance : bool, default=True
+        Include the covariance term.
+    use_vnorm : bool, default=True
+        Multiply scores by the value norm.
+    epsilon : float, default=0.0
+        Added to the attention before the value-norm rescaling.
+    """
+
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_future_positions < 1:
+            raise ValueError(f"n_future_positions must be >= 1, got {self.n_future_positions}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+
+    def averaged_rotation(self, like: torch.Tensor) -> torch.Tensor:
+        """``mean_p R(p)`` over the future positions, ``(batch, head_dim, head_dim)`` float32."""
+        adapter, positions = self.state.adapter, self.state.positions
+        offsets = torch.arange(self.n_future_positions, device=like.device)
+        cos, sin = adapter.rotary_cos_sin(like.float(), adapter.future_positions(positions, offsets))
+        cos, sin = cos.float().mean(1), sin.float().mean(1)
+        head_dim = cos.shape[-1]
+        half = head_dim // 2
+        # R(p) x = cos * x + sin * rotate_half(x); rotate_half(x) = P x with P = [[0, -I], [I, 0]].
+        swap = torch.zeros(head_dim, head_dim, device=like.device)
+        swap[half:, :half] = torch.eye(half, device=like.device)
+        swap[:half, half:] = -torch.eye(half, device=like.device)
+        return torch.diag_embed(cos) + sin[..., None] * swap
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        state = self.state
+        batch, kv_heads, seq_len, _ = keys.shape
+        key_mask = state.key_mask
+        real = (
+            key_mask
+            if key_mask is not None
+            else torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+        )
+        real_index = real.long().cumsum(-1) - 1
+        sink = real & (real_index < self.n_sink)
+        stat_tokens = real & ~sink
+        if not bool(stat_tokens.any(-1).all()):
+            stat_tokens = real  # prompts of at most n_sink tokens: use them all
+
+        queries = state.adapter.query_states(module, hidden_states).float()
+        weights = stat_tokens[:, None, :, None].float()
+        count = weights.sum(2, keepdim=True)
+        raw_mean = (queries * weights).sum(2, keepdim=True) / count
+        rotation = self.averaged_rotation(queries)[:, None]
+        mean = torch.matmul(raw_mean, rotation.transpose(-1, -2)).squeeze(2)
+
+        q_heads = queries.shape[1]
+        expanded = keys.float().repeat_interleave(q_heads // kv_heads, dim=1)
+        logits = torch.einsum("bhtd,bhd->bht", expanded, mean) * module.scaling
+        if self.use_covariance:
+            centered = (queries - raw_mean) * weights
+            cov = torch.einsum("bhti,bhtj->bhij", centered, centered) / count
+            cov = rotation @ cov @ rotation.transpose(-1, -2)
+            logits = (
+                logits
+                + 0.5 * torch.einsum("bhti,bhij,bhtj->bht", expanded, cov, expanded) * module.scaling**2
+            )
+        logits = logits.masked_fill(~real[:, None, :], float("-inf"))
+        scores = mean_over_query_groups(torch.softmax(logits, dim=-1), kv_heads)
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * values.float().norm(dim=-1)
+        return scores.masked_fill(sink[:, None, :], float("inf"))

@@ -1,0 +1,36 @@
+"""LastAttn: the attention of the last prompt query only (the paper's ablation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
+from mmshiftkv.presses.base import BudgetedPress
+
+
+@dataclass
+class LastAttnPress(BudgetedPress):
+    """Rank prompt tokens by the attention the last prompt token pays them.
+
+    This is MM-ShiftKV without query proxies (Table 5, "w/o sampling"): the score of token ``t`` on
+    KV head ``h`` is the softmax attention of the last prompt query, averaged over the query heads
+    of ``h``, computed with the model's own RoPE / M-RoPE positions.
+    """
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        state = self.state
+        probs, _ = prompt_query_attention(
+            state.adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1
+        )
+        return mean_over_query_groups(probs[:, :, 0], keys.shape[1])

@@ -1,0 +1,226 @@
+"""MM-ShiftKV: decode-aware prefill-time KV selection with variance-expanded query proxies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mmshiftkv import ops
+from mmshiftkv.ops.reference import group_attention_mass
+from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
+from mmshiftkv.presses.base import BudgetedPress
+
+#: The budget used when neither ``budget`` nor ``compression_ratio`` is given: the paper's
+#: tightest setting (Table 1), 64 prompt tokens per KV head.
+DEFAULT_BUDGET = 64
+
+
+@dataclass
+class ShiftKVPress(BudgetedPress):
+    """MM-ShiftKV (ACL 2026 Findings, Sec. 3.2, Alg. 1, App. B).
+
+    Per layer, at the end of prefill:
+
+    1. statistics of the attention input (the hidden states after the input norm) over the real
+       prompt tokens (``statistics``);
+    2. ``n_proxies`` proxy hidden states ``h ~ N(mu, diag((gamma * sigma)^2))`` (Eq. 5), drawn from
+       a private generator seeded by ``seed`` and the layer index (the user's RNG is untouched; a
+       sample's proxies do not depend on the rest of its batch);
+    3. query proxies ``q = q_proj(h)`` (+ q-norm where the model has one, Eq. 6), rotated with the
+       model's RoPE / M-RoPE at synthetic future positions ``next + position_start +
+       position_stride * (i mod g)``, where ``next = max(prompt positions) + 1`` is the true first
+       decode position (Qwen2-VL's ``rope_deltas`` included) and ``g = n_proxies / n_groups``;
+    4. softmax attention of each proxy over the prompt keys with the model's scaling (Eq. 7),
+       averaged over the query heads of a KV head; per group of ``g`` consecutive proxies the mass
+       is summed (Eq. 8) and the keys covering ``tau`` of it get one vote each (Eq. 9-10);
+    5. ``score = votes + anchor_weight * a(q_last)``, the attention of the real last prompt query;
+       the base class keeps the last prompt token plus the top ``budget - 1`` and restores temporal
+       order.
+
+    Scoring runs in the compiled op :func:`mmshiftkv.ops.shiftkv_scores` (float32 softmax and
+    masses whatever the model dtype, O(G * T) extra memory per KV head), falling back to the
+    pure-torch reference when the extension is not built.
+
+    Defaults follow the paper's equations, with one deliberate exception: ``statistics="global"``
+    (one scalar mean and std over all prompt tokens and features) because that is what the authors'
+    released code ran to produce every published table; ``statistics="per_feature"`` is Eq. 4 as
+    written. :meth:`reference` reproduces the released code's remaining details.
+
+    Parameters
+    ----------
+    budget : int, optional
+        Prompt tokens kept per KV head (last token included). Default 64 (:data:`DEFAULT_BUDGET`)
+        when no ``compression_ratio`` is given either.
+    gamma : float, default=10.0
+        Variance expansion factor (``gamma=1``: sampling without expansion, Table 5).
+    tau : float, default=0.95
+        Mass each group's voted key set must cover, in (0, 1].
+    n_proxies : int, default=512
+        Number of query proxies N.
+    n_groups : int, default=32
+        Number of voting groups G (``n_proxies`` must be divisible by it).
+    anchor_weight : float, default=1.0
+        Weight lambda of the last prompt query's attention.
+    statistics : {"global", "per_feature"}, default="global"
+        Scalar mean/std over tokens x features (released code) or per-feature mean/std (Eq. 4).
+    stats_window : int, optional
+        Compute the statistics over the last ``stats_window`` real tokens only (App. B mentions a
+        recent window of 512); default: the whole prompt.
+    position_start, position_stride : int, default=0, 32
+        Future position of proxy ``i``: ``next + position_start + position_stride * (i mod g)``.
+    coverage : {"smallest", "within"}, default="smallest"
+        ``"smallest"``: the smallest key set whose mass reaches ``tau`` (Eq. 9). ``"within"``: the
+        largest prefix whose mass stays <= ``tau`` (released code).
+    anchor_in_groups : bool, default=False
+        Add the last query's attention into every group's mass, divided by ``g + 1`` (released code).
+    exclude_last_key : bool, default=False
+        Drop the last key from masses and votes after the softmax (released code; it is kept anyway).
+    sampling : bool, default=True
+        False ranks by the last query's attention only (Table 5 "w/o sampling", = LastAttn).
+    voting : bool, default=True
+        False ranks by the summed proxy mass instead of votes (Table 5 "w/o group voting").
+    seed : int, default=0
+        Seed of the proxy generator.
+    backend : {"auto", "compiled", "torch"}, default="auto"
+        Scoring backend passed to :func:`mmshiftkv.ops.shiftkv_scores`.
+    """
+
+    budget: int | None = None
+    gamma: float = 10.0
+    tau: float = 0.95
+    n_proxies: int = 512
+    n_groups: int = 32
+    anchor_weight: float = 1.0
+    statistics: Literal["global", "per_feature"] = "global"
+    stats_window: int | None = None
+    position_start: int = 0
+    position_stride: int = 32
+    coverage: Literal["smallest", "within"] = "smallest"
+    anchor_in_groups: bool = False
+    exclude_last_key: bool = False
+    sampling: bool = True
+    voting: bool = True
+    seed: int = 0
+    backend: Literal["auto", "compiled", "torch"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.compression_ratio == 0:
+            self.budget = DEFAULT_BUDGET
+        super().__post_init__()
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.n_groups < 1 or self.n_proxies < 1 or self.n_proxies % self.n_groups:
+            raise ValueError(
+                f"n_proxies ({self.n_proxies}) must be a positive multiple of n_groups ({self.n_groups})"
+            )
+        if self.statistics not in ("global", "per_feature"):
+            raise ValueError(f"statistics must be 'global' or 'per_feature', got {self.statistics!r}")
+        if self.coverage not in ("smallest", "within"):
+            raise ValueError(f"coverage must be 'smallest' or 'within', got {self.coverage!r}")
+        if self.stats_window is not None and self.stats_window < 2:
+            raise ValueError(f"stats_window must be >= 2 tokens, got {self.stats_window}")
+        if self.position_start < 0 or self.position_stride < 0:
+            raise ValueError("position_start and position_stride must be >= 0")
+        if self.backend not in ("auto", "compiled", "torch"):
+            raise ValueError(f"backend must be 'auto', 'compiled' or 'torch', got {self.backend!r}")
+
+    @classmethod
+    def reference(cls, **overrides) -> ShiftKVPress:
+        """The authors' released implementation (Qwen2.5-VL path) as a preset.
+
+        Global scalar statistics, future positions ``last + 32k`` for ``k = 1..16`` in every group,
+        the last query's attention inside each group's mass (divided by ``g + 1``), the last key
+        dropped after the softmax, and ``searchsorted(cumsum, tau * total, right=True)`` coverage.
+        Any field can be overridden, e.g. ``ShiftKVPress.reference(budget=128)``.
+        """
+        preset = dict(
+            statistics="global",
+            position_start=31,
+            position_stride=32,
+            coverage="within",
+            anchor_in_groups=True,
+            exclude_last_key=True,
+        )
+        return cls(**{**preset, **overrides})
+
+    @property
+    def group_size(self) -> int:
+        return self.n_proxies // self.n_groups
+
+    def proxy_hidden_states(self, hidden_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Variance-expanded proxy hidden states, ``(batch, n_proxies, hidden)`` (Eq. 4-5)."""
+        batch, seq_len, hidden = hidden_states.shape
+        key_mask = self.state.key_mask
+        real = key_mask if key_mask is not None else hidden_states.new_ones(batch, seq_len, dtype=torch.bool)
+        if self.stats_window is not None:
+            from_end = real.flip(-1).long().cumsum(-1).flip(-1)
+            real = real & (from_end <= self.stats_window)
+        weights = real.float()[..., None]
+        states = hidden_states.float()
+        if self.statistics == "global":
+            count = weights.sum((1, 2)) * hidden
+            mean = (states * weights).sum((1, 2)) / count
+            var = (((states - mean[:, None, None]) ** 2) * weights).sum((1, 2)) / (count - 1).clamp(min=1)
+            mean, std = mean[:, None], var.sqrt()[:, None]
+        else:
+            count = weights.sum(1)
+            mean = (states * weights).sum(1) / count
+            var = (((states - mean[:, None]) ** 2) * weights).sum(1) / (count - 1).clamp(min=1)
+            std = var.sqrt()
+
+        generator = torch.Generator(device=hidden_states.device)
+        generator.manual_seed(self.seed * 100_003 + layer_idx)
+        noise = torch.randn(self.n_proxies, hidden, generator=generator, device=hidden_states.device)
+        proxies = mean[:, None, :] + self.gamma * std[:, None, :] * noise[None]
+        return proxies.to(hidden_states.dtype)
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        state = self.state
+        adapter = state.adapter
+        if not self.sampling:
+            last_probs, _ = prompt_query_attention(
+                adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1
+            )
+            return mean_over_query_groups(last_probs[:, :, 0], keys.shape[1])
+
+        last_query = adapter.apply_rope(
+            adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:]
+        )[:, :, 0]
+        proxies = adapter.query_states(module, self.proxy_hidden_states(hidden_states, module.layer_idx))
+        offsets = self.position_start + self.position_stride * (
+            torch.arange(self.n_proxies, device=keys.device) % self.group_size
+        )
+        proxies = adapter.apply_rope(proxies, adapter.future_positions(state.positions, offsets))
+        options = dict(
+            n_groups=self.n_groups,
+            scaling=module.scaling,
+            key_mask=state.key_mask,
+            anchor_in_groups=self.anchor_in_groups,
+            exclude_last_key=self.exclude_last_key,
+        )
+        if self.voting:
+            return ops.shiftkv_scores(
+                proxies,
+                keys,
+                last_query,
+                tau=self.tau,
+                anchor_weight=self.anchor_weight,
+                coverage=self.coverage,
+                backend=self.backend,
+                **options,
+            )
+        mass, anchor = group_attention_mass(proxies, keys, last_query, **options)
+        return mass.sum(2) + self.anchor_weight * anchor
