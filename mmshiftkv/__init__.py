@@ -6,6 +6,7 @@
 """
 
 from mmshiftkv.models.adapter import SUPPORTED_FAMILIES, UnsupportedModelError, get_adapter
+from mmshiftkv.pipelines import KVPressVQAPipeline
 from mmshiftkv.presses import (
     PRESSES,
     BudgetedPress,
@@ -32,6 +33,7 @@ __all__ = [
     "CompressionStats",
     "ExpectedAttentionPress",
     "FullKVPress",
+    "KVPressVQAPipeline",
     "KeyDiffPress",
     "LastAttnPress",
     "ShiftKVPress",

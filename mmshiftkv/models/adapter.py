@@ -146,8 +146,8 @@ class ModelAdapter:
         positions : torch.Tensor
             ``(batch, n)`` for RoPE models, ``(3, batch, n)`` for M-RoPE models.
         """
-        rotary = self.language_model.rotary_emb
-        cos, sin = rotary(like, positions)
+        # forward() rather than __call__: the press's own position-capturing hook must not fire.
+        cos, sin = self.language_model.rotary_emb.forward(like, positions)
         if self.rope_kind == "mrope":
             # Each feature block takes the position of its own axis (temporal, height, width).
             section = self.mrope_section * 2

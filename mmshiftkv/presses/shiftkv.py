@@ -152,10 +152,27 @@ class ShiftKVPress(BudgetedPress):
     def group_size(self) -> int:
         return self.n_proxies // self.n_groups
 
-    def proxy_hidden_states(self, hidden_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Variance-expanded proxy hidden states, ``(batch, n_proxies, hidden)`` (Eq. 4-5)."""
+    def proxy_hidden_states(
+        self, hidden_states: torch.Tensor, layer_idx: int, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Variance-expanded proxy hidden states (Eq. 4-5).
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            Attention input of the prompt, ``(batch, seq_len, hidden)``.
+        layer_idx : int
+            Layer index, part of the proxy generator's seed.
+        key_mask : torch.Tensor, optional
+            ``(batch, seq_len)`` bool, True for real tokens; padding stays out of the statistics.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, n_proxies, hidden)`` in the dtype of ``hidden_states``. The standard noise is
+            shared by the samples of a batch, so a sample's proxies do not depend on its batch.
+        """
         batch, seq_len, hidden = hidden_states.shape
-        key_mask = self.state.key_mask
         real = key_mask if key_mask is not None else hidden_states.new_ones(batch, seq_len, dtype=torch.bool)
         if self.stats_window is not None:
             from_end = real.flip(-1).long().cumsum(-1).flip(-1)
@@ -199,7 +216,7 @@ class ShiftKVPress(BudgetedPress):
         last_query = adapter.apply_rope(
             adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:]
         )[:, :, 0]
-        proxies = adapter.query_states(module, self.proxy_hidden_states(hidden_states, module.layer_idx))
+        proxies = adapter.query_states(module, self.proxy_hidden_states(hidden_states, module.layer_idx, state.key_mask))
         offsets = self.position_start + self.position_stride * (
             torch.arange(self.n_proxies, device=keys.device) % self.group_size
         )

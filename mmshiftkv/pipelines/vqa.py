@@ -1,0 +1,271 @@
+"""The ``"kv-press-vqa"`` pipeline: answer questions about images from a compressed KV cache."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, DynamicCache, Pipeline, ProcessorMixin
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from mmshiftkv.models.adapter import get_adapter
+from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.presses.full_kv import FullKVPress
+
+TASK = "kv-press-vqa"
+#: Model families the pipeline builds image prompts for.
+VISION_FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "llava")
+QUESTION_MARK = "<<mmshiftkv-question>>"
+
+
+@dataclass
+class VQARequest:
+    """One prompt: its images and the questions asked about them."""
+
+    images: list[Image.Image]
+    questions: list[str]
+    source: str = ""
+
+
+@dataclass
+class VQAAnswer:
+    """Answers and compression facts of one request."""
+
+    answers: list[str]
+    prompt_tokens: int
+    image_tokens: int
+    kept_per_head: list[list[int]] = field(default_factory=list)
+    cache_bytes_before: int = 0
+    cache_bytes_after: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        if len(self.answers) == 1:
+            out["answer"] = self.answers[0]
+        return out
+
+
+def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    """A PIL image from a PIL image or a file path, with a clear error when it cannot be opened."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot open image {str(image)!r}: {error}") from error
+    raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
+
+
+def build_requests(images: Any, question: str | None, questions: list[str] | None) -> list[VQARequest]:
+    """Normalise the pipeline's inputs and reject bad ones with clear errors."""
+    if question is not None and questions is not None:
+        raise ValueError("pass either question=... or questions=[...], not both")
+    asked = [question] if question is not None else list(questions or [])
+    if not asked:
+        raise ValueError("no question given: pass question='...' or questions=[...]")
+    for text in asked:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"questions must be non-empty strings, got {text!r}")
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        raise ValueError("no image given: this pipeline answers questions about images (images=...)")
+    image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+    return [VQARequest(images=[load_image(image) for image in image_list], questions=asked)]
+
+
+class KVPressVQAPipeline(Pipeline):
+    """Visual question answering under a press, registered as ``pipeline("kv-press-vqa")``.
+
+    ``pipe(images=img, question="...", press=ShiftKVPress(budget=64), max_new_tokens=64)``
+    compresses the whole prompt (image + question) at prefill, exactly like ``model.generate``
+    under the press. With ``questions=[q1, q2, ...]`` the image prompt up to the question is
+    prefilled and compressed once; each question is then appended to the compressed cache, answered
+    greedily, and the cache is cropped back to the compressed prompt before the next one (no
+    re-prefill). ``images`` may be a PIL image, a path, or a list of them (one multi-image prompt).
+    A list of such requests (dicts with ``images`` and ``question``/``questions``) is answered in
+    left-padded batches of ``batch_size``.
+
+    Returns a dict (a list of dicts for a list of requests) with ``answer`` (single question) or
+    ``answers``, ``prompt_tokens``, ``image_tokens``, ``kept_per_head`` (per layer, per KV head),
+    and ``cache_bytes_before`` / ``cache_bytes_after`` of the prompt cache.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.adapter = get_adapter(self.model)
+        if self.adapter.family not in VISION_FAMILIES:
+            raise TypeError(
+                f"kv-press-vqa needs an image-text model ({', '.join(VISION_FAMILIES)}), "
+                f"got {self.adapter.family}"
+            )
+        if not isinstance(self.processor, ProcessorMixin) or not hasattr(self.processor, "image_processor"):
+            raise TypeError("kv-press-vqa needs the model's multimodal processor: pass processor=...")
+        self._check_processor_matches_model()
+
+    def _check_processor_matches_model(self) -> None:
+        tokenizer = self.processor.tokenizer
+        image_token = getattr(self.processor, "image_token", None)
+        config_id = getattr(self.model.config, "image_token_id", None)
+        if config_id is None:
+            config_id = getattr(self.model.config, "image_token_index", None)
+        text_vocab = self.model.get_input_embeddings().num_embeddings
+        if image_token is None or tokenizer.convert_tokens_to_ids(image_token) != config_id:
+            raise ValueError(
+                f"the processor ({type(self.processor).__name__}, image token {image_token!r}) does not "
+                f"match the model ({type(self.model).__name__}, image token id {config_id}): pass the processor "
+                "saved with this checkpoint"
+            )
+        if len(tokenizer) > text_vocab:
+            raise ValueError(
+                f"the processor's tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                f"{text_vocab}: pass the processor saved with this checkpoint"
+            )
+
+    def _sanitize_parameters(
+        self, press=None, max_new_tokens=None, question=None, questions=None, images=None
+    ):
+        forward = {}
+        if press is not None:
+            forward["press"] = press
+        if max_new_tokens is not None:
+            forward["max_new_tokens"] = max_new_tokens
+        return {}, forward, {}
+
+    def __call__(
+        self,
+        requests: Any = None,
+        *,
+        images: Any = None,
+        question: str | None = None,
+        questions: list[str] | None = None,
+        press: BudgetedPress | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        press = press if press is not None else FullKVPress()
+        if not isinstance(press, BudgetedPress):
+            raise TypeError(f"press must be an mmshiftkv press, got {type(press).__name__}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if requests is None:
+            parsed = build_requests(images, question, questions)
+            return self._answer(parsed, press, max_new_tokens)[0].as_dict()
+        if images is not None or question is not None or questions is not None:
+            raise ValueError("pass either a list of requests or images=/question=, not both")
+        parsed = []
+        for request in requests if isinstance(requests, (list, tuple)) else [requests]:
+            if not isinstance(request, dict):
+                raise TypeError(f"each request must be a dict with images and question(s), got {request!r}")
+            parsed += build_requests(request.get("images"), request.get("question"), request.get("questions"))
+        size = batch_size or self._batch_size or 1
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        answers: list[VQAAnswer] = []
+        for start in range(0, len(parsed), size):
+            answers += self._answer(parsed[start : start + size], press, max_new_tokens)
+        return [answer.as_dict() for answer in answers]
+
+    def preprocess(self, request: VQARequest) -> dict:
+        return {"request": request}
+
+    def _forward(self, model_inputs: dict, press: BudgetedPress | None = None, max_new_tokens: int = 64):
+        return self._answer([model_inputs["request"]], press or FullKVPress(), max_new_tokens)[0]
+
+    def postprocess(self, answer: VQAAnswer) -> dict[str, Any]:
+        return answer.as_dict()
+
+    def prompt_text(self, request: VQARequest, question: str) -> str:
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+
+    def encode(self, requests: list[VQARequest], texts: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        images = [image for request in requests for image in request.images]
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def _answer(
+        self, requests: list[VQARequest], press: BudgetedPress, max_new_tokens: int
+    ) -> list[VQAAnswer]:
+        n_questions = {len(request.questions) for request in requests}
+        if n_questions == {1}:
+            texts = [self.prompt_text(request, request.questions[0]) for request in requests]
+            inputs = self.encode(requests, texts)
+            with press(self.model), torch.no_grad():
+                output = self.model.generate(
+                    **inputs, past_key_values=DynamicCache(), max_new_tokens=max_new_tokens, do_sample=False
+                )
+            answers = self.processor.batch_decode(
+                output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            return [self._facts(press, inputs, b, [answer.strip()]) for b, answer in enumerate(answers)]
+        return [self._answer_several(request, press, max_new_tokens) for request in requests]
+
+    def _answer_several(self, request: VQARequest, press: BudgetedPress, max_new_tokens: int) -> VQAAnswer:
+        template = self.prompt_text(request, QUESTION_MARK)
+        context_text, suffix_template = template.split(QUESTION_MARK)
+        context = self.encode([request], [context_text])
+        tokenizer = self.processor.tokenizer
+        cache = DynamicCache()
+        answers = []
+        with press(self.model), torch.no_grad():
+            self.model(**context, past_key_values=cache, use_cache=True)
+            facts = self._facts(press, context, 0, [])
+            context_len = context["input_ids"].shape[1]
+            for question in request.questions:
+                suffix = tokenizer(question + suffix_template, add_special_tokens=False, return_tensors="pt")
+                input_ids = torch.cat(
+                    [context["input_ids"], suffix["input_ids"].to(self.model.device)], dim=-1
+                )
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    past_key_values=cache,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                )
+                answers.append(
+                    tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+                )
+                cache.crop(context_len)
+        facts.answers = answers
+        return facts
+
+    def _facts(self, press: BudgetedPress, inputs: dict, sample: int, answers: list[str]) -> VQAAnswer:
+        stats = press.stats
+        config = self.adapter.text_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        token_bytes = 2 * head_dim * self.model.dtype.itemsize
+        prompt_tokens = stats.prompt_tokens[sample]
+        image_token = getattr(self.model.config, "image_token_id", None)
+        if image_token is None:
+            image_token = self.model.config.image_token_index
+        kept = stats.kept[:, sample, :]
+        return VQAAnswer(
+            answers=answers,
+            prompt_tokens=prompt_tokens,
+            image_tokens=int((inputs["input_ids"][sample] == image_token).sum()),
+            kept_per_head=kept.tolist(),
+            cache_bytes_before=prompt_tokens * self.adapter.n_layers * self.adapter.n_kv_heads * token_bytes,
+            cache_bytes_after=int(kept.sum()) * token_bytes,
+        )
+
+
+def register() -> None:
+    """Register ``"kv-press-vqa"`` in transformers' pipeline registry (idempotent)."""
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=KVPressVQAPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
+        )

@@ -1,0 +1,53 @@
+"""Batched compression: left-padded batches give, per sample, what the sample gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy, make_inputs, tiny
+
+from mmshiftkv.presses import (
+    ExpectedAttentionPress,
+    KeyDiffPress,
+    LastAttnPress,
+    ShiftKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
+
+QUESTIONS = [
+    "What is written in the picture, and which colour is the third box from the left?",
+    "Read it.",
+    "Which colour is the box at the top left corner?",
+    "Count the boxes.",
+]
+
+
+def presses(budget: int):
+    return [
+        SnapKVPress(budget=budget, window_size=4),
+        StreamingLLMPress(budget=budget),
+        KeyDiffPress(budget=budget),
+        ExpectedAttentionPress(budget=budget),
+        LastAttnPress(budget=budget),
+        ShiftKVPress(budget=budget, n_proxies=64, n_groups=8),
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "llava-next", "llama"])
+@pytest.mark.parametrize("batch", [2, 4])
+def test_batched_generation_equals_one_by_one(family: str, batch: int):
+    model, processor = tiny(family)
+    questions = QUESTIONS[:batch]
+    batched_inputs = make_inputs(family, processor, questions)
+    lengths = batched_inputs["attention_mask"].sum(-1)
+    # One budget below every prompt, one between the prompt lengths (short prompts stay whole).
+    for budget in (10, int(lengths.min()) + 3):
+        for press in presses(budget):
+            with press(model):
+                together = greedy(model, batched_inputs, max_new_tokens=4)
+            for i, question in enumerate(questions):
+                alone_inputs = make_inputs(family, processor, [question], image_seeds=[i])
+                with press(model):
+                    alone = greedy(model, alone_inputs, max_new_tokens=4)
+                assert torch.equal(together[i, : alone.shape[1]], alone[0]), (type(press).__name__, budget, i)
