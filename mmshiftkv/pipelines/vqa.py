@@ -121,8 +121,8 @@ class KVPressVQAPipeline(Pipeline):
         if image_token is None or tokenizer.convert_tokens_to_ids(image_token) != config_id:
             raise ValueError(
                 f"the processor ({type(self.processor).__name__}, image token {image_token!r}) does not "
-                f"match the model ({type(self.model).__name__}, image token id {config_id}): pass the processor "
-                "saved with this checkpoint"
+                f"match the model ({type(self.model).__name__}, image token id {config_id}): "
+                "pass the processor saved with this checkpoint"
             )
         if len(tokenizer) > text_vocab:
             raise ValueError(
