@@ -1,0 +1,1 @@
+"""Evaluation of KV-cache compression on the paper's benchmarks (metrics, task definitions)."""
