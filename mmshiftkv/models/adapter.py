@@ -25,6 +25,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from mmshiftkv.cache.context import decoder_of
+
 RopeKind = Literal["rope", "mrope"]
 
 #: Supported model classes, their family name and rotary-embedding kind.
@@ -77,8 +79,7 @@ class ModelAdapter:
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (``model.model.language_model`` for VLMs, ``model.model`` otherwise)."""
-        inner = self.model.model
-        return inner.language_model if hasattr(inner, "language_model") else inner
+        return decoder_of(self.model)
 
     @property
     def text_config(self):
