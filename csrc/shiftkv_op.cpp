@@ -1,0 +1,29 @@
+// Schema of mmshiftkv::shiftkv_scores and the Python module mmshiftkv._C whose import registers it.
+// The CPU and CUDA kernels register themselves in shiftkv_cpu.cpp and shiftkv_cuda.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mmshiftkv, m) {
+  m.def(
+      "shiftkv_scores(Tensor proxies, Tensor keys, Tensor last_query, Tensor? key_mask, int n_groups, "
+      "float tau, float scaling, float anchor_weight, bool anchor_in_groups, str coverage, "
+      "bool exclude_last_key) -> Tensor");
+}
+
+#if defined(MMSHIFTKV_WITH_CUDA)
+constexpr long kWithCuda = 1;
+#else
+constexpr long kWithCuda = 0;
+#endif
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "Compiled ShiftKV scoring op: importing it registers torch.ops.mmshiftkv.",
+      -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,129 @@
+"""ShiftKV scoring: the compiled op (``torch.ops.mmshiftkv.shiftkv_scores``) and its torch reference.
+
+:func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs.
+The reference's building blocks (:func:`group_attention_mass`, :func:`votes_from_mass`) are exported
+for ablations such as ranking by summed mass instead of votes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from mmshiftkv.ops.checks import check_anchor_weight, check_scoring_inputs, check_vote_parameters
+from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, available, runs_on, shiftkv_scores_compiled
+from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference, votes_from_mass
+
+__all__ = [
+    "BACKENDS",
+    "available",
+    "group_attention_mass",
+    "shiftkv_scores",
+    "shiftkv_scores_reference",
+    "votes_from_mass",
+]
+
+BACKENDS = ("auto", "compiled", "torch")
+
+_fallback_warned = False
+
+
+def _warn_fallback_once(device: torch.device) -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    reason = LOAD_ERROR or f"the extension has no kernel for {device.type}"
+    warnings.warn(
+        f"mmshiftkv: the compiled ShiftKV op is unavailable on {device} ({reason}); using the slower torch "
+        f"reference. To get the compiled op, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def shiftkv_scores(
+    proxies: torch.Tensor,
+    keys: torch.Tensor,
+    last_query: torch.Tensor,
+    *,
+    n_groups: int,
+    tau: float,
+    scaling: float,
+    anchor_weight: float = 1.0,
+    key_mask: torch.Tensor | None = None,
+    anchor_in_groups: bool = False,
+    coverage: str = "smallest",
+    exclude_last_key: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token ShiftKV importance: group votes plus the weighted last-query attention.
+
+    For each KV head, the softmax attention (float64) of every query proxy and of the last prompt
+    query over the prompt keys is averaged over the query heads the KV head serves; proxies form
+    ``n_groups`` groups of consecutive proxies; each group sums its proxies' attention per key and
+    votes for the keys of its tau-coverage set (see :func:`votes_from_mass` for ``coverage``, ties
+    towards the lower token index); the score is ``votes + anchor_weight * anchor``.
+
+    Parameters
+    ----------
+    proxies : torch.Tensor
+        ``(batch, q_heads, n_proxies, head_dim)`` RoPE'd query proxies.
+    keys : torch.Tensor
+        ``(batch, kv_heads, seq_len, head_dim)`` prompt keys as stored in the KV cache; KV head ``h``
+        serves query heads ``[h * r, (h + 1) * r)``, ``r = q_heads // kv_heads``.
+    last_query : torch.Tensor
+        ``(batch, q_heads, head_dim)`` RoPE'd query of the last prompt token.
+    n_groups : int
+        Number of proxy groups ``G``; must divide ``n_proxies``.
+    tau : float
+        Coverage fraction in (0, 1].
+    scaling : float
+        Logit scale, usually ``head_dim ** -0.5``.
+    anchor_weight : float
+        Weight lambda of the last-query attention.
+    key_mask : torch.Tensor, optional
+        ``(batch, seq_len)`` bool, True for real tokens (False = left padding). Padding keys get no
+        attention, no vote and a score of ``-inf``.
+    anchor_in_groups : bool
+        Vote on ``(group mass + anchor) / (g + 1)`` (the authors' released code).
+    coverage : str
+        ``"smallest"`` (paper Eq. 9) or ``"within"`` (authors' code).
+    exclude_last_key : bool
+        Zero the last key's attention after the softmax, without renormalising (authors' code).
+    backend : str
+        ``"compiled"`` (the extension; error if unavailable), ``"torch"`` (the reference) or
+        ``"auto"`` (compiled when available for the inputs' device, else the reference with a
+        one-time warning).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch, kv_heads, seq_len)`` float32 scores.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_scoring_inputs(proxies, keys, last_query, key_mask, n_groups, scaling)
+    check_vote_parameters(tau, coverage)
+    check_anchor_weight(anchor_weight)
+    options = {
+        "n_groups": n_groups,
+        "tau": tau,
+        "scaling": scaling,
+        "anchor_weight": anchor_weight,
+        "key_mask": key_mask,
+        "anchor_in_groups": anchor_in_groups,
+        "coverage": coverage,
+        "exclude_last_key": exclude_last_key,
+    }
+    if backend == "auto":
+        if runs_on(proxies.device):
+            backend = "compiled"
+        else:
+            _warn_fallback_once(proxies.device)
+            backend = "torch"
+    if backend == "compiled":
+        return shiftkv_scores_compiled(proxies, keys, last_query, **options)
+    with torch.no_grad():
+        return shiftkv_scores_reference(proxies, keys, last_query, **options)
