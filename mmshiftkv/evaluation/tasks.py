@@ -204,10 +204,13 @@ class TaskSpec(ABC):
         corpus-level metrics) plus whatever :meth:`aggregate` needs.
         """
 
-    @abstractmethod
     def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Combine the records of all samples into ``{"score": <reported number>, "num_samples": n,
-        ...breakdowns}``. The result does not depend on the records' order."""
+        ...breakdowns}``. The result does not depend on the records' order.
+
+        Default: the mean per-sample score x 100; tasks with another rule override it."""
+        _check_records(records, self.name)
+        return {"score": 100.0 * _mean([r["score"] for r in records]), "num_samples": len(records)}
 
 
 @dataclass
@@ -230,10 +233,6 @@ class DocVQATask(TaskSpec):
 
     def score(self, prediction: str, row: Row) -> Record:
         return {"score": metrics.anls(prediction, list(row["answers"]))}
-
-    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        _check_records(records, self.name)
-        return {"score": 100.0 * _mean([r["score"] for r in records]), "num_samples": len(records)}
 
 
 @dataclass
@@ -301,10 +300,6 @@ class TextVQATask(TaskSpec):
     def score(self, prediction: str, row: Row) -> Record:
         return {"score": metrics.vqa_accuracy(prediction, list(row["answers"]))}
 
-    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        _check_records(records, self.name)
-        return {"score": 100.0 * _mean([r["score"] for r in records]), "num_samples": len(records)}
-
 
 @dataclass
 class ChartQATask(TaskSpec):
@@ -329,11 +324,7 @@ class ChartQATask(TaskSpec):
     def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """``score`` over all questions, plus ``human_split`` (type ``human_test``) and
         ``augmented_split`` (every other type), each x 100, when the split has samples."""
-        _check_records(records, self.name)
-        result: dict[str, float] = {
-            "score": 100.0 * _mean([r["score"] for r in records]),
-            "num_samples": len(records),
-        }
+        result = super().aggregate(records)
         human = [r["score"] for r in records if r["type"] == "human_test"]
         augmented = [r["score"] for r in records if r["type"] != "human_test"]
         if human:
