@@ -61,7 +61,9 @@ def test_every_press_generates_and_holds_exactly_the_budget(family: str, attn: s
         for layer in cache.layers:
             assert isinstance(layer, CompressedLayer)
             assert layer.prompt_lengths.eq(BUDGET).all()
-            kv_bytes = 2 * BUDGET * model.config.get_text_config().num_key_value_heads * layer_head_dim(model) * 4
+            kv_bytes = (
+                2 * BUDGET * model.config.get_text_config().num_key_value_heads * layer_head_dim(model) * 4
+            )
             assert layer.ideal_nbytes == kv_bytes
             # Only a few bookkeeping tensors (row offsets, lengths) on top of the kept keys/values.
             assert kv_bytes <= layer.nbytes <= kv_bytes + 256

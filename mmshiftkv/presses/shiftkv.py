@@ -216,7 +216,9 @@ class ShiftKVPress(BudgetedPress):
         last_query = adapter.apply_rope(
             adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:]
         )[:, :, 0]
-        proxies = adapter.query_states(module, self.proxy_hidden_states(hidden_states, module.layer_idx, state.key_mask))
+        proxies = adapter.query_states(
+            module, self.proxy_hidden_states(hidden_states, module.layer_idx, state.key_mask)
+        )
         offsets = self.position_start + self.position_stride * (
             torch.arange(self.n_proxies, device=keys.device) % self.group_size
         )
