@@ -402,6 +402,22 @@ def test_write_results_files(tmp_path: Path) -> None:
     assert (tmp_path / "score_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_panels_outside_the_paper_tasks_keep_their_names_and_order(tmp_path: Path) -> None:
+    results = [
+        _result("uniform", "FullKV", None, 96.0),
+        _result("AdaKV", "FullKV", None, 96.0),
+        _result("uniform", "SnapKV", 8, 50.0),
+        _result("AdaKV", "SnapKV", 8, 70.0),
+        _result("chartqa", "SnapKV", 8, 10.0),
+    ]
+    assert report.markdown_table(results, [8]).splitlines()[:2] == [
+        "| Method | Budget | ChartQA | uniform | AdaKV | Avg |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    path = report.plot_score_vs_budget(results, tmp_path / "panels.png", average=False, ylabel="accuracy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_resume_refuses_another_setting(tmp_path: Path) -> None:
     tasks = runner.build_tasks(EvalConfig(model="a", tasks=("chartqa",)))
     first = EvalConfig(model="a", tasks=("chartqa",)).fingerprint(tasks)

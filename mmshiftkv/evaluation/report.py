@@ -79,8 +79,13 @@ def require_matplotlib() -> Any:
 
 
 def _task_order(results: Sequence[Mapping[str, Any]]) -> list[str]:
-    present = {r["task"] for r in results}
-    return [name for name in TASKS if name in present]
+    """The paper's tasks in the paper's order, then any other panel names in order of appearance."""
+    present = list(dict.fromkeys(r["task"] for r in results))
+    return [name for name in TASKS if name in present] + [name for name in present if name not in TASKS]
+
+
+def _display_name(task: str) -> str:
+    return TASKS[task].display_name if task in TASKS else task
 
 
 def _rows(results: Sequence[Mapping[str, Any]], budgets: Sequence[int]) -> list[tuple[str, int | None]]:
@@ -102,7 +107,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]], budgets: Sequence[int])
     """
     tasks = _task_order(results)
     by_cell = {(r["method"], r["budget"], r["task"]): r["table_score"] for r in results}
-    header = ["Method", "Budget", *[TASKS[name].display_name for name in tasks], "Avg"]
+    header = ["Method", "Budget", *[_display_name(name) for name in tasks], "Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(tasks) + 1)]
     for method, budget in _rows(results, budgets):
         scores = [by_cell.get((method, budget, name)) for name in tasks]
@@ -162,13 +167,19 @@ def _grid(plt: Any, n: int, width: float = 3.6, height: float = 2.8) -> tuple[An
     return fig, flat[:n]
 
 
-def plot_score_vs_budget(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """One panel per task (and Avg when every task is there): score vs budget per method,
-    FullKV as a dashed horizontal line."""
+def plot_score_vs_budget(
+    results: Sequence[Mapping[str, Any]], path: str | Path, average: bool = True, ylabel: str = "score"
+) -> Path:
+    """One panel per task (and Avg when ``average`` and several tasks are there): score vs budget
+    per method, FullKV as a dashed horizontal line.
+
+    ``results`` rows need ``task``, ``method``, ``budget`` (None for FullKV) and ``table_score``;
+    a ``task`` outside the paper's tasks is a panel titled with its name.
+    """
     plt = require_matplotlib()
     tasks = _task_order(results)
-    panels = [(TASKS[name].display_name, name) for name in tasks] + (
-        [("Avg", None)] if len(tasks) > 1 else []
+    panels = [(_display_name(name), name) for name in tasks] + (
+        [("Avg", None)] if average and len(tasks) > 1 else []
     )
     methods = list(dict.fromkeys(r["method"] for r in results if r["budget"] is not None))
     all_budgets = sorted({r["budget"] for r in results if r["budget"] is not None})
@@ -188,7 +199,7 @@ def plot_score_vs_budget(results: Sequence[Mapping[str, Any]], path: str | Path)
         ax.minorticks_off()
         ax.set_title(title)
         ax.set_xlabel("budget (tokens / KV head)")
-        ax.set_ylabel("score")
+        ax.set_ylabel(ylabel)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
