@@ -95,9 +95,21 @@ def build_tokenizer(special_tokens: list[str], chat_template: str | None = None)
     return tokenizer
 
 
+def qwen_vl_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The special-token ids a Qwen2-VL / Qwen2.5-VL config names, for a :data:`QWEN_SPECIAL` tokenizer."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def _qwen_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, Any]:
     tokenizer = build_tokenizer(QWEN_SPECIAL, QWEN_CHAT_TEMPLATE)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
     text = dict(
         TEXT_SIZES,
         vocab_size=len(tokenizer),
@@ -106,15 +118,7 @@ def _qwen_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, An
     vision = dict(
         depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2
     )
-    common = dict(
-        text_config=text,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    common = dict(text_config=text, **qwen_vl_token_ids(tokenizer))
     if family == "qwen2.5-vl":
         config = Qwen2_5_VLConfig(
             vision_config=dict(
