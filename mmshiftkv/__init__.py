@@ -20,6 +20,7 @@ from mmshiftkv.presses import (
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
+    UnsupportedCacheError,
 )
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "ShiftKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "UnsupportedCacheError",
     "UnsupportedModelError",
     "get_adapter",
 ]

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from mmshiftkv.cache import CompressedLayer
-from mmshiftkv.models.tiny import FAMILIES
+from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
 from mmshiftkv.presses import (
     CompressionSkippedWarning,
     ExpectedAttentionPress,
@@ -21,6 +21,7 @@ from mmshiftkv.presses import (
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
+    UnsupportedCacheError,
     select_kept_indices,
 )
 
@@ -281,6 +282,36 @@ def test_unsupported_model_is_rejected_with_the_supported_list():
         SnapKVPress(budget=4)(model),
     ):
         pass
+
+
+def test_caches_a_press_cannot_compress_are_refused_by_name():
+    # A fresh model: generate keeps its static cache on the model between calls.
+    model, processor = build_tiny_model("llama")
+    inputs = make_inputs("llama", processor, [QUESTION])
+    # Nothing to compress, nothing refused: FullKV runs on a static cache like the bare model.
+    with FullKVPress()(model):
+        pressed = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    bare = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(pressed, bare)
+    with (
+        pytest.raises(UnsupportedCacheError, match="not StaticCache with StaticLayer layers.*DynamicCache"),
+        SnapKVPress(budget=BUDGET)(model),
+    ):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(UnsupportedCacheError, match="transformers Cache"), SnapKVPress(budget=BUDGET)(model):
+        model(**inputs, past_key_values=[])
+
+
+def test_prompt_longer_than_a_sliding_window_is_refused():
+    model, processor = build_tiny_model("mistral")
+    model.config.sliding_window = 16
+    inputs = make_inputs("mistral", processor, [QUESTION])
+    assert inputs["input_ids"].shape[1] > 16
+    with (
+        pytest.raises(NotImplementedError, match="sliding window of 15 tokens, shorter than the"),
+        SnapKVPress(budget=BUDGET)(model),
+    ):
+        model.generate(**inputs, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
 
 
 def test_hooks_and_attention_are_restored_when_generation_raises():

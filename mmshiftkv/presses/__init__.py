@@ -1,6 +1,11 @@
 """Presses: which prompt tokens each KV head keeps after prefill."""
 
-from mmshiftkv.presses.base import BudgetedPress, CompressionSkippedWarning, CompressionStats
+from mmshiftkv.presses.base import (
+    BudgetedPress,
+    CompressionSkippedWarning,
+    CompressionStats,
+    UnsupportedCacheError,
+)
 from mmshiftkv.presses.budget_press import BudgetPress
 from mmshiftkv.presses.expected_attention import ExpectedAttentionPress
 from mmshiftkv.presses.full_kv import FullKVPress
@@ -35,5 +40,6 @@ __all__ = [
     "ShiftKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "UnsupportedCacheError",
     "select_kept_indices",
 ]

@@ -17,7 +17,8 @@ import torch
 from kvpress.presses.base_press import is_prefilling
 from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from mmshiftkv.allocators.base import Allocator
 from mmshiftkv.cache import CompressedLayer, compressed_attention
@@ -27,6 +28,32 @@ from mmshiftkv.presses.selection import select_kept_indices
 
 class CompressionSkippedWarning(UserWarning):
     """A press was asked to compress and left (part of) the cache uncompressed."""
+
+
+class UnsupportedCacheError(TypeError):
+    """The cache ``generate`` (or the caller) uses is not one a press can compress."""
+
+
+#: Cache layers a press can replace by a :class:`~mmshiftkv.cache.CompressedLayer`. Static layers
+#: keep a fixed-size buffer the model's masks are built for, quantized layers hold most tokens in
+#: packed form: swapping either silently changes the model's output, so they are refused.
+COMPRESSIBLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, CompressedLayer)
+
+
+def check_compressible(cache: object, press_name: str) -> None:
+    """Raise :class:`UnsupportedCacheError` unless every layer of ``cache`` can be compressed."""
+    if not isinstance(cache, Cache):
+        raise UnsupportedCacheError(f"{press_name} compresses a transformers Cache, not {type(cache)}")
+    layer_types = {type(layer) for layer in cache.layers}
+    unsupported = sorted(kind.__name__ for kind in layer_types if kind not in COMPRESSIBLE_LAYERS)
+    offloaded = bool(getattr(cache, "offloading", False))
+    if unsupported or offloaded:
+        what = ", ".join(unsupported) + " layers" if unsupported else "offloaded layers"
+        raise UnsupportedCacheError(
+            f"{press_name} compresses DynamicCache layers, not {type(cache).__name__} with {what}: leave "
+            "cache_implementation unset or pass past_key_values=DynamicCache() (static, offloaded and "
+            "quantized caches are not supported)"
+        )
 
 
 @dataclass
@@ -160,6 +187,13 @@ class BudgetedPress(ScorerPress):
         layer_idx = module.layer_idx
         keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
         batch, _, seq_len, _ = keys.shape
+        if seq_len < hidden_states.shape[1]:
+            # A sliding-window layer already dropped the prompt's oldest tokens.
+            raise NotImplementedError(
+                f"{type(self).__name__}: layer {layer_idx} keeps a sliding window of {seq_len} tokens, "
+                f"shorter than the {hidden_states.shape[1]}-token prompt; compressing past a sliding window "
+                "is not supported (use a prompt within the window, or a model without sliding windows)"
+            )
         n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
         needs_scores_first = self.allocator is not None and self.allocator.needs_scores
 
@@ -242,6 +276,9 @@ class BudgetedPress(ScorerPress):
         return output
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None and self.asks_compression:
+            check_compressible(cache, type(self).__name__)
         mask = kwargs.get("attention_mask")
         padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
         self.state.key_mask = mask.bool() if padded else None
