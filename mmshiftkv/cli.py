@@ -1,6 +1,6 @@
 """The ``mmshiftkv`` console script: ``mmshiftkv <command> [options]``.
 
-Commands: ``demo`` (every press on one image), ``eval`` (benchmarks, Tables 1-3), ``analyze``
+Commands: ``demo`` (every press on one image, known answers), ``eval`` (benchmarks, Tables 1-3), ``analyze``
 (Fig. 1), ``profile`` (Fig. 3), ``calibrate`` (SparseMM head scores). ``mmshiftkv <command> -h``
 lists a command's options.
 """
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 COMMANDS: dict[str, str] = {
-    "demo": "every press at a few budgets on one image and question (offline by default)",
+    "demo": "every press at shrinking budgets answering known questions (offline trained model by default)",
     "eval": "evaluate presses x allocators x budgets on the paper's benchmarks (Tables 1-3)",
     "analyze": "prefill-vs-decode hidden-state statistics and decode attention coverage (Fig. 1)",
     "profile": "decode ms/token and peak memory vs input length (Fig. 3)",
@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _command(name: str) -> Callable[[Sequence[str]], int | None]:
-    # imported on demand: `mmshiftkv demo` should not pay for the evaluation stack, and back
+    # imported on demand: a command loads only the modules it runs
     if name == "demo":
         from mmshiftkv.demo import main
     elif name == "calibrate":
