@@ -200,9 +200,13 @@ def plot_score_vs_budget(
         ax.set_title(title)
         ax.set_xlabel("budget (tokens / KV head)")
         ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize="small")
+    # Beside the first row rather than over a panel: with many methods an inner legend hides lines.
+    first_row = axes[: min(len(axes), 4)]
+    first_row[-1].legend(
+        *axes[0].get_legend_handles_labels(), fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1)
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
