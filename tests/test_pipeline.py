@@ -121,3 +121,22 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     text_model, _ = tiny("llama")
     with pytest.raises(TypeError, match="image-text model"):
         pipeline("kv-press-vqa", model=text_model, processor=pipe.processor)
+
+
+def test_questions_appended_to_a_compressed_image_prompt_are_answered_right_by_the_trained_model():
+    """On a trained model, wrong positions after the image would give wrong answers, not just other ones."""
+    from mmshiftkv.demo import grounding_questions
+    from mmshiftkv.grounding import ANSWER_PREFIX, load_grounding_model
+    from mmshiftkv.presses import FullKVPress
+
+    model, processor = load_grounding_model()
+    pipe = pipeline("kv-press-vqa", model=model, processor=processor)
+    questions = grounding_questions(0)
+    expected = [ANSWER_PREFIX + question.expected for question in questions]
+    texts = [question.text for question in questions]
+    image = questions[0].image
+    asked_together = pipe(images=image, questions=texts, press=FullKVPress(), max_new_tokens=16)
+    assert asked_together["answers"] == expected
+    compressed = pipe(images=image, questions=texts, press=KeyDiffPress(budget=16), max_new_tokens=16)
+    assert compressed["cache_bytes_after"] < compressed["cache_bytes_before"]
+    assert sum(answer == want for answer, want in zip(compressed["answers"], expected)) >= 3
