@@ -1,0 +1,87 @@
+"""The README's benchmark commands run, at toy sizes, and report quantities that can be checked by hand.
+
+Timings are not checked (they belong to the benchmark runs); byte counts, ratios and accuracies are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Bytes of one prompt token's K and V in one Qwen2.5-VL-7B layer: 4 KV heads x 128 x (K, V).
+KV_VALUES_PER_TOKEN = 4 * 128 * 2
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_op_benchmark_checks_the_op_against_the_reference() -> None:
+    report = json.loads(run_benchmark("bench_shiftkv_op.py", "--lengths", "128", "--repeats", "1"))
+    (result,) = report["results"]
+    assert result["seq_len"] == 128 and result["scores_equal"] is True
+    ratio = result["torch_median_s"] / result["op_median_s"]
+    assert result["speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01)
+
+
+def test_overhead_benchmark_ratio_is_scoring_over_prefill() -> None:
+    report = json.loads(run_benchmark("bench_shiftkv_overhead.py", "--lengths", "128", "--repeats", "1"))
+    (result,) = report["results"]
+    assert result["prompt_tokens"] == 128 and result["scoring_s"] > 0
+    ratio = result["scoring_s"] / result["prefill_s"]
+    assert result["scoring_over_prefill"] == pytest.approx(ratio, abs=1e-3)
+
+
+def test_headwise_benchmark_bytes_match_the_formula() -> None:
+    args = ["--contexts", "256", "--budget", "16", "--layers", "1", "--steps", "1", "--repeats", "1"]
+    report = json.loads(run_benchmark("bench_headwise_decode.py", *args))
+    (result,) = report["results"]
+    float32 = 4
+    assert result["bytes"]["full"]["held"] == 256 * KV_VALUES_PER_TOKEN * float32
+    assert result["bytes"]["uniform"]["held"] == 16 * KV_VALUES_PER_TOKEN * float32
+    headwise = result["bytes"]["headwise"]
+    assert headwise["ideal"] == 16 * KV_VALUES_PER_TOKEN * float32
+    assert headwise["ideal"] <= headwise["held"] <= 1.05 * headwise["ideal"]
+
+
+def test_decode_profile_benchmark_cache_bytes_match_the_formula() -> None:
+    args = ["--layers", "1", "--lengths", "128", "--budget", "16", "--decode-tokens", "2"]
+    lines = run_benchmark("bench_decode_profile.py", *args).splitlines()
+    points = {point["press"]: point for point in map(json.loads, filter(lambda x: x.startswith("{"), lines))}
+    assert set(points) == {"full", "shiftkv", "snapkv"}
+    bfloat16 = 2
+    # The cache ends holding the prompt (or the kept tokens) plus the first generated token.
+    assert points["full"]["kv_cache_bytes"] == (128 + 1) * KV_VALUES_PER_TOKEN * bfloat16
+    for press in ("shiftkv", "snapkv"):
+        assert points[press]["kv_cache_bytes"] == (16 + 1) * KV_VALUES_PER_TOKEN * bfloat16
+
+
+def test_grounding_benchmark_reports_every_run(tmp_path: Path) -> None:
+    args = ["--samples", "8", "--budgets", "8", "--allocations", "uniform,sparsemm"]
+    args += ["--calibration-samples", "2", "--analysis-samples", "1", "--no-plot", "--out", str(tmp_path)]
+    run_benchmark("bench_grounding.py", *args)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["full_kv"]["accuracy"] >= 7 / 8
+    runs = {(row["allocation"], row["press"]) for row in report["rows"]}
+    presses = {"shiftkv", "snapkv", "snapkv(window=8)", "streaming_llm", "keydiff", "expected_attention"}
+    presses.add("last_attn")
+    variants = {name for _, name in runs if name.startswith("shiftkv(")}
+    expected = {(allocation, press) for allocation in ("uniform", "sparsemm") for press in presses}
+    assert runs == expected | {("uniform", variant) for variant in variants}
+    assert len(variants) == 5
+    assert report["fig1"]["coverage"]["full"]["mean"] == 1.0
+    assert all(0 <= cov["mean"] <= 1 for cov in report["fig1"]["coverage"].values())
+    assert (tmp_path / "head_scores.json").is_file() and (tmp_path / "table.md").is_file()
