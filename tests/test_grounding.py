@@ -138,7 +138,9 @@ def test_teacher_forced_exact_match() -> None:
 
 def test_training_is_reproducible_from_scratch() -> None:
     config = TrainConfig(steps=2, batch_size=4, warmup=1, ramp_steps=1, eval_samples=0, log_every=1)
+    threads = torch.get_num_threads()
     first, _, _ = train(config)
+    assert torch.get_num_threads() == threads
     second, _, _ = train(config)
     fresh = build_model(build_processor(), seed=config.seed)
     first_state, second_state = first.state_dict(), second.state_dict()

@@ -267,8 +267,19 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def train(config: TrainConfig) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, dict]:
-    """Train a fresh grounding model; returns it (eval mode), its processor and a log summary."""
+    """Train a fresh grounding model; returns it (eval mode), its processor and a log summary.
+
+    Runs on ``config.threads`` torch threads and restores the caller's thread count afterwards.
+    """
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, dict]:
     processor = build_processor()
     model = build_model(processor, seed=config.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
