@@ -80,6 +80,17 @@ inline double exp_nonpositive(double x) {
   return p * scale_a * scale_b;
 }
 
+// Calls update(t, t % kLanes) for t = 0..n-1, a block of kLanes at a time, so per-lane partial
+// results vectorise and are combined in the same order on every ISA.
+template <class Update>
+inline void for_each_lane(int64_t n, Update&& update) {
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= n; t0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) update(t0 + l, l);
+  }
+  for (int l = 0; t0 + l < n; ++l) update(t0 + l, l);
+}
+
 // Scales a row of raw dot products in place, sets padding keys to -inf, returns the row max.
 // (real_key is a byte pointer, which may alias anything unless told otherwise.)
 SHIFTKV_CPU_CLONES double scale_mask_max(double* __restrict__ row, int64_t n, double scaling,
@@ -88,11 +99,7 @@ SHIFTKV_CPU_CLONES double scale_mask_max(double* __restrict__ row, int64_t n, do
   double lane_max[kLanes];
   std::fill(lane_max, lane_max + kLanes, -INFINITY);
   auto update = [&](int64_t t, int l) { lane_max[l] = row[t] > lane_max[l] ? row[t] : lane_max[l]; };
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= n; t0 += kLanes) {
-    for (int l = 0; l < kLanes; ++l) update(t0 + l, l);
-  }
-  for (int l = 0; t0 + l < n; ++l) update(t0 + l, l);
+  for_each_lane(n, update);
   double row_max = -INFINITY;
   for (double v : lane_max) row_max = v > row_max ? v : row_max;
   return row_max;
@@ -106,11 +113,7 @@ SHIFTKV_CPU_CLONES double exp_in_place_sum(double* row, int64_t n, double shift)
     row[t] = e;
     lane_sum[l] += e;
   };
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= n; t0 += kLanes) {
-    for (int l = 0; l < kLanes; ++l) update(t0 + l, l);
-  }
-  for (int l = 0; t0 + l < n; ++l) update(t0 + l, l);
+  for_each_lane(n, update);
   double sum = 0.0;
   for (double v : lane_sum) sum += v;
   return sum;
@@ -123,11 +126,7 @@ SHIFTKV_CPU_CLONES void add_scaled(double* acc, const double* row, int64_t n, do
 SHIFTKV_CPU_CLONES double sum_masses_below(const double* mass, int64_t n, double bound) {
   double lane_sum[kLanes] = {};
   auto update = [&](int64_t t, int l) { lane_sum[l] += mass[t] < bound ? mass[t] : 0.0; };
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= n; t0 += kLanes) {
-    for (int l = 0; l < kLanes; ++l) update(t0 + l, l);
-  }
-  for (int l = 0; t0 + l < n; ++l) update(t0 + l, l);
+  for_each_lane(n, update);
   double sum = 0.0;
   for (double v : lane_sum) sum += v;
   return sum;
