@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import DynamicCache
 
+from mmshiftkv.evaluation.runner import encode_messages, generate_answers
+from mmshiftkv.grounding import ANSWER_PREFIX, EVAL_SEED, KINDS, load_grounding_model, make_sample
 from mmshiftkv.presses import PRESSES, BudgetedPress, FullKVPress
 
 DEFAULT_QUESTION = "What is written in the picture?"
@@ -51,8 +52,6 @@ def grounding_questions(index: int) -> list[Question]:
     A layout is usable when the four kinds' samples draw the same items (a "colour" question
     recolours an item when no colour is unique, which changes the image).
     """
-    from mmshiftkv.grounding import EVAL_SEED, KINDS, make_sample
-
     while True:
         samples = [make_sample(EVAL_SEED, index, kind=kind) for kind in KINDS]
         if all(sample.items == samples[0].items for sample in samples):
@@ -63,8 +62,6 @@ def grounding_questions(index: int) -> list[Question]:
 def load(model_id: str | None, device: str):
     """The model and processor: the embedded grounding model, or a real checkpoint."""
     if model_id is None:
-        from mmshiftkv.grounding import load_grounding_model
-
         return load_grounding_model()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -82,12 +79,8 @@ def image_token_count(model, inputs: dict) -> int:
 
 def run_one(model, processor, inputs: dict, press: BudgetedPress, max_new_tokens: int) -> dict:
     """Prefill + greedy decode of a batch under ``press``; the compression facts and the answers."""
-    with press(model), torch.no_grad():
-        output = model.generate(
-            **inputs, past_key_values=DynamicCache(), max_new_tokens=max_new_tokens, do_sample=False
-        )
+    answers = [row["generated"] for row in generate_answers(model, processor, inputs, press, max_new_tokens)]
     stats = press.stats
-    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     kept = stats.kept.float()
     return {
         "press": type(press).__name__,
@@ -131,14 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--image and --question need --model: the embedded model only knows its synthetic task")
     budgets = [int(b) for b in args.budgets.split(",")]
     if args.model is None:
-        from mmshiftkv.grounding import ANSWER_PREFIX
-
         questions, prefix = grounding_questions(args.sample), ANSWER_PREFIX
     else:
         image = Image.open(args.image).convert("RGB") if args.image else demo_image()
         questions, prefix = [Question(image, args.question or DEFAULT_QUESTION)], ""
-
-    from mmshiftkv.evaluation.runner import encode_messages
 
     model, processor = load(args.model, args.device)
     conversations = [
