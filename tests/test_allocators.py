@@ -376,6 +376,7 @@ def test_sparsemm_hand_table():
         (4, 4, 4, 40, 8, 0.0, [300, 45, 41]),
         (2, 6, 3, 100, 0, 0.5, [1000, 101]),
         (5, 4, 1, 33, 32, 0.1, [200, 34]),
+        (3, 8, 2, 64, 32, 1.0, [500, 100, 64, 40]),
     ],
 )
 def test_sparsemm_matches_reference(n_layers, n_heads, n_kv_heads, budget, window, ratio, n_tokens):
@@ -391,6 +392,27 @@ def test_sparsemm_matches_reference(n_layers, n_heads, n_kv_heads, budget, windo
     # Long prompt: total over all layers and heads = Uniform's, up to the rounding of each cap.
     total = kept[:, 0].sum().item()
     assert abs(total - n_layers * n_kv_heads * budget) <= n_layers * n_kv_heads / 2
+
+
+def test_sparsemm_ratio_one_gives_every_head_the_budget():
+    # ratio=1 (accepted by the reference): min = B' = 10, remain = 0, cap = 10 + W = B for every head,
+    # whatever the scores (n = 15: min(10, n - W = 11) + 4 = 14); n = 13 <= B is not compressed.
+    scores = grid([[[1.0], [0.0], [0.0], [9.0]], [[0.0], [0.0], [0.0], [5.0]]])
+    alloc = SparseMMAllocator(head_scores=scores, ratio=1.0, window=4)
+    alloc.bind(n_layers=2, n_heads=4, n_kv_heads=2)
+    kept = allocate_all(alloc, 14, [100, 15, 13])
+    assert kept[:, 0].tolist() == [[14, 14], [14, 14]]
+    assert kept[:, 1].tolist() == [[14, 14], [14, 14]]
+    assert kept[:, 2].tolist() == [[13, 13], [13, 13]]
+
+
+def test_sparsemm_rejects_scores_whose_normalisation_overflows():
+    # Each mean is finite (1e308) but their sum overflows: normalised they would all be 0.
+    with pytest.raises(ValueError, match="sum to inf.*rescale"):
+        SparseMMAllocator(head_scores={"0-0": [1e308], "0-1": [1e308]})
+    # A head's own mean overflows (sum of its list).
+    with pytest.raises(ValueError, match="layer 0 head 1 overflow float64"):
+        SparseMMAllocator(head_scores={"0-0": [1.0], "0-1": [1e308, 1e308]})
 
 
 def test_sparsemm_reads_a_file(tmp_path):
@@ -443,7 +465,8 @@ ONE_HEAD = {"0-0": [1.0]}
         (lambda: PyramidAllocator(beta=0), "beta"),
         (lambda: PyramidAllocator(beta=-2), "beta"),
         (lambda: PyramidAllocator(window=2.5), "window"),
-        (lambda: SparseMMAllocator(ONE_HEAD, ratio=1.0), "ratio"),
+        (lambda: SparseMMAllocator(ONE_HEAD, ratio=1.5), "ratio"),
+        (lambda: PyramidAllocator(beta=float("inf")), "beta"),
         (lambda: SparseMMAllocator(ONE_HEAD, ratio=-0.1), "ratio"),
         (lambda: SparseMMAllocator(ONE_HEAD, window=-3), "window"),
     ],

@@ -43,9 +43,14 @@ def load_head_scores(source: HeadScoreSource) -> dict[str, list[float]]:
     if isinstance(source, Mapping):
         raw, where = source, "head scores"
     else:
-        with open(source, encoding="utf-8") as f:
-            raw = json.load(f)
         where = f"head-score file {os.fspath(source)!r}"
+        with open(source, encoding="utf-8") as f:
+            try:
+                raw = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(
+                    f'{where} is not JSON ({error}); it must hold an object of "layer-head": [floats]'
+                ) from None
         if not isinstance(raw, dict):
             raise ValueError(
                 f'{where} must hold a JSON object of "layer-head": [floats], got {type(raw).__name__}'
@@ -102,6 +107,13 @@ def head_score_table(scores: Mapping[str, Sequence[float]]) -> torch.Tensor:
         ``(n_layers, n_heads)`` float64, the mean of each head's list.
     """
     table = {tuple(int(i) for i in key.split("-")): sum(v) / len(v) for key, v in scores.items()}
+    overflowing = [key for key, mean in table.items() if not math.isfinite(mean)]
+    if overflowing:
+        layer, head = overflowing[0]
+        raise ValueError(
+            f"the scores of layer {layer} head {head} overflow float64 when averaged: rescale the head "
+            "scores (only their ratios matter)"
+        )
     n_layers = 1 + max(layer for layer, _ in table)
     n_heads = 1 + max(head for _, head in table)
     return torch.tensor(

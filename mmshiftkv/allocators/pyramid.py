@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -45,8 +46,12 @@ class PyramidAllocator(Allocator):
     window: int = 32
 
     def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not self.beta > 0:
-            raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, numbers.Real)
+            or not 0 < self.beta < math.inf
+        ):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
         check_window(self.window)
 
     def _allocate_sample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -41,7 +42,8 @@ class SparseMMAllocator(Allocator):
         loaded mapping; see :mod:`mmshiftkv.allocators.head_scores`. Its shape must match the model
         the press is applied to (checked in :meth:`bind`), and not all scores may be zero.
     ratio : float, default=0.1
-        Share of ``B'`` every head gets regardless of its score, in ``[0, 1)``.
+        Share of ``B'`` every head gets regardless of its score, in ``[0, 1]`` (``1``: every head keeps
+        ``B``, as in the reference).
     window : int, default=32
         Recent tokens every head keeps on top of its share; the budget must exceed it.
     """
@@ -56,12 +58,18 @@ class SparseMMAllocator(Allocator):
         if (
             isinstance(self.ratio, bool)
             or not isinstance(self.ratio, numbers.Real)
-            or not 0 <= self.ratio < 1
+            or not 0 <= self.ratio <= 1
         ):
-            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+            raise ValueError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
         check_window(self.window)
         self._table = head_score_table(load_head_scores(self.head_scores))
-        if not self._table.sum() > 0:
+        total = float(self._table.sum())
+        if not math.isfinite(total):
+            raise ValueError(
+                f"head scores sum to {total} in float64 (largest mean {float(self._table.max())!r}): "
+                "they cannot be normalised; rescale them (only their ratios matter)"
+            )
+        if not total > 0:
             raise ValueError(
                 "head scores are all zero: they cannot split a budget (calibrate on more images)"
             )

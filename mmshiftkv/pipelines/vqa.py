@@ -14,6 +14,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.full_kv import FullKVPress
+from mmshiftkv.validation import check_int
 
 TASK = "kv-press-vqa"
 #: Model families the pipeline builds image prompts for.
@@ -66,6 +67,8 @@ def build_requests(images: Any, question: str | None, questions: list[str] | Non
     if question is not None and questions is not None:
         raise ValueError("pass either question=... or questions=[...], not both")
     asked = [question] if question is not None else list(questions or [])
+    if isinstance(questions, str):
+        raise TypeError(f"questions must be a list of strings, got the string {questions!r} (one: question=)")
     if not asked:
         raise ValueError("no question given: pass question='...' or questions=[...]")
     for text in asked:
@@ -154,8 +157,10 @@ class KVPressVQAPipeline(Pipeline):
         press = press if press is not None else FullKVPress()
         if not isinstance(press, BudgetedPress):
             raise TypeError(f"press must be an mmshiftkv press, got {type(press).__name__}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_int(max_new_tokens, "max_new_tokens", minimum=1)
+        size = batch_size if batch_size is not None else self._batch_size
+        size = 1 if size is None else size
+        check_int(size, "batch_size", minimum=1)
         if requests is None:
             parsed = build_requests(images, question, questions)
             return self._answer(parsed, press, max_new_tokens)[0].as_dict()
@@ -166,9 +171,6 @@ class KVPressVQAPipeline(Pipeline):
             if not isinstance(request, dict):
                 raise TypeError(f"each request must be a dict with images and question(s), got {request!r}")
             parsed += build_requests(request.get("images"), request.get("question"), request.get("questions"))
-        size = batch_size or self._batch_size or 1
-        if size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {size}")
         answers: list[VQAAnswer] = []
         for start in range(0, len(parsed), size):
             answers += self._answer(parsed[start : start + size], press, max_new_tokens)

@@ -9,9 +9,10 @@ from torch import nn
 
 from mmshiftkv.presses.attention import mean_over_query_groups
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.validation import check_bool, check_int, check_real
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExpectedAttentionPress(BudgetedPress):
     """Expected attention (Devoto et al., 2025) with M-RoPE-correct future positions.
 
@@ -46,10 +47,13 @@ class ExpectedAttentionPress(BudgetedPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_future_positions < 1:
-            raise ValueError(f"n_future_positions must be >= 1, got {self.n_future_positions}")
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_int(self.n_future_positions, "n_future_positions", minimum=1)
+        check_int(self.n_sink, "n_sink", minimum=0)
+        check_bool(self.use_covariance, "use_covariance")
+        check_bool(self.use_vnorm, "use_vnorm")
+        check_real(self.epsilon, "epsilon")
+        if self.epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
     def averaged_rotation(self, like: torch.Tensor) -> torch.Tensor:
         """``mean_p R(p)`` over the future positions, ``(batch, head_dim, head_dim)`` float32."""

@@ -10,7 +10,7 @@ from torch import nn
 from mmshiftkv.presses.base import BudgetedPress
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FullKVPress(BudgetedPress):
     """Keep every prompt token (the paper's "Full KV" row).
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from mmshiftkv.presses.base import BudgetedPress
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KeyDiffPress(BudgetedPress):
     """One-shot KeyDiff (Park et al., 2025): ``score = -cos(k_t, mean_t' normalize(k_t'))``.
 

@@ -11,7 +11,7 @@ from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_att
 from mmshiftkv.presses.base import BudgetedPress
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LastAttnPress(BudgetedPress):
     """Rank prompt tokens by the attention the last prompt token pays them.
 

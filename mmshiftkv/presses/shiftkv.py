@@ -12,13 +12,14 @@ from mmshiftkv import ops
 from mmshiftkv.ops.reference import group_attention_mass
 from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.validation import check_bool, check_int, check_real
 
 #: The budget used when neither ``budget`` nor ``compression_ratio`` is given: the paper's
 #: tightest setting (Table 1), 64 prompt tokens per KV head.
 DEFAULT_BUDGET = 64
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShiftKVPress(BudgetedPress):
     """MM-ShiftKV (ACL 2026 Findings, Sec. 3.2, Alg. 1, App. B).
 
@@ -53,7 +54,8 @@ class ShiftKVPress(BudgetedPress):
     ----------
     budget : int, optional
         Prompt tokens kept per KV head (last token included). Default 64 (:data:`DEFAULT_BUDGET`)
-        when no ``compression_ratio`` is given either.
+        when neither ``compression_ratio`` nor ``allocator`` is given (an allocator needs an explicit
+        budget, as for every press).
     gamma : float, default=10.0
         Variance expansion factor (``gamma=1``: sampling without expansion, Table 5).
     tau : float, default=0.95
@@ -107,14 +109,29 @@ class ShiftKVPress(BudgetedPress):
     backend: Literal["auto", "compiled", "torch"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.budget is None and self.compression_ratio == 0:
+        # The default budget stands in for a missing budget only without an allocator: an allocator
+        # distributes a budget the caller chose, as for every other press.
+        if self.budget is None and self.compression_ratio == 0 and self.allocator is None:
             self.budget = DEFAULT_BUDGET
         super().__post_init__()
+        for name in ("gamma", "tau", "anchor_weight"):
+            check_real(getattr(self, name), name)
+        for name in ("n_proxies", "n_groups"):
+            check_int(getattr(self, name), name, minimum=1)
+        for name in ("position_start", "position_stride"):
+            check_int(getattr(self, name), name, minimum=0)
+        check_int(self.seed, "seed")
+        if self.stats_window is not None:
+            check_int(self.stats_window, "stats_window", minimum=2)
+        for name in ("anchor_in_groups", "exclude_last_key", "sampling", "voting"):
+            check_bool(getattr(self, name), name)
         if self.gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        if self.n_groups < 1 or self.n_proxies < 1 or self.n_proxies % self.n_groups:
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.n_proxies % self.n_groups:
             raise ValueError(
                 f"n_proxies ({self.n_proxies}) must be a positive multiple of n_groups ({self.n_groups})"
             )
@@ -122,10 +139,6 @@ class ShiftKVPress(BudgetedPress):
             raise ValueError(f"statistics must be 'global' or 'per_feature', got {self.statistics!r}")
         if self.coverage not in ("smallest", "within"):
             raise ValueError(f"coverage must be 'smallest' or 'within', got {self.coverage!r}")
-        if self.stats_window is not None and self.stats_window < 2:
-            raise ValueError(f"stats_window must be >= 2 tokens, got {self.stats_window}")
-        if self.position_start < 0 or self.position_stride < 0:
-            raise ValueError("position_start and position_stride must be >= 0")
         if self.backend not in ("auto", "compiled", "torch"):
             raise ValueError(f"backend must be 'auto', 'compiled' or 'torch', got {self.backend!r}")
 

@@ -10,9 +10,10 @@ from torch.nn import functional as F
 
 from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.validation import check_int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SnapKVPress(BudgetedPress):
     """SnapKV (Li et al., 2024) as configured in the MM-ShiftKV paper's App. E.
 
@@ -35,9 +36,9 @@ class SnapKVPress(BudgetedPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+        check_int(self.window_size, "window_size", minimum=1)
+        check_int(self.kernel_size, "kernel_size", minimum=1)
+        if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
 
     def score(

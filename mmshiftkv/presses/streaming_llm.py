@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.validation import check_int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamingLLMPress(BudgetedPress):
     """Keep the first ``n_sink`` prompt tokens and the most recent ones (Xiao et al., 2023).
 
@@ -28,8 +29,7 @@ class StreamingLLMPress(BudgetedPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_int(self.n_sink, "n_sink", minimum=0)
 
     def score(
         self,
