@@ -1,0 +1,102 @@
+"""What the library's presses need from a model, answered from a vLLM model's own modules.
+
+Presses call ``self.state.adapter`` for pre-RoPE queries, RoPE at arbitrary positions and the
+positions future decode queries will have (see :class:`mmshiftkv.models.adapter.ModelAdapter`).
+:class:`VLLMAdapter` offers the same methods on vLLM's attention modules (fused ``qkv_proj``, the
+layer's own ``rotary_emb``), so each press's ``score()`` runs unchanged inside vLLM: one
+implementation per press, two engines.
+
+A press scores one request at a time here (batch 1, no padding): vLLM's batch is a flat list of
+tokens from requests of different lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmshiftkv.models.adapter import ModelAdapter
+
+
+@dataclass
+class AttentionView:
+    """One vLLM decoder attention module as a press sees it.
+
+    Presses read ``layer_idx`` (ShiftKV seeds its proxies with it, so it must be the decoder
+    layer's index, as in transformers) and ``scaling``; the adapter reaches the projections
+    through ``module``.
+
+    Attributes
+    ----------
+    module : nn.Module
+        The vLLM attention module (``Qwen2Attention``, ``LlamaAttention``, ...): it has ``qkv_proj``,
+        ``rotary_emb`` and an ``attn`` layer holding the KV cache.
+    layer_idx : int
+        Index of its decoder layer.
+    scaling : float
+        Softmax scale of its attention.
+    """
+
+    module: nn.Module
+    layer_idx: int
+    scaling: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.module.head_dim
+
+
+@dataclass
+class VLLMAdapter:
+    """The subset of :class:`~mmshiftkv.models.adapter.ModelAdapter` that presses use, for vLLM models.
+
+    Head counts are those of this tensor-parallel rank: each rank scores and compacts its own KV
+    heads.
+
+    Attributes
+    ----------
+    n_heads, n_kv_heads : int
+        Query and KV heads per layer on this rank.
+    n_layers : int
+        Decoder layers holding a KV cache.
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    n_layers: int
+
+    # The positions of future decode queries follow the prompt's positions the same way in both
+    # engines (max + 1 over every M-RoPE axis): reuse the library's rule rather than restate it.
+    next_positions = staticmethod(ModelAdapter.next_positions)
+    future_positions = ModelAdapter.future_positions
+
+    def query_states(self, attention: AttentionView, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE queries, ``(1, heads, n, head_dim)``, from an attention input ``(1, n, hidden)``."""
+        module = attention.module
+        batch, n, _ = hidden_states.shape
+        if batch != 1:
+            raise ValueError(f"VLLMAdapter scores one request at a time, got a batch of {batch}")
+        qkv, _ = module.qkv_proj(hidden_states[0])
+        queries = qkv[..., : module.q_size].reshape(n, module.num_heads, module.head_dim)
+        q_norm = getattr(module, "q_norm", None)
+        if q_norm is not None and getattr(module, "qk_norm", True):
+            queries = q_norm(queries)
+        return queries.transpose(0, 1)[None]
+
+    def apply_rope(
+        self, states: torch.Tensor, positions: torch.Tensor, attention: AttentionView | None = None
+    ) -> torch.Tensor:
+        """Rotate ``states`` ``(1, heads, n, head_dim)`` to ``positions`` with the layer's rotary embedding.
+
+        ``positions`` is ``(1, n)``, or ``(3, 1, n)`` for M-RoPE models, as the presses pass them.
+        """
+        if attention is None:
+            raise ValueError("VLLMAdapter.apply_rope needs the attention layer (its rotary embedding)")
+        _, heads, n, head_dim = states.shape
+        flat = states[0].transpose(0, 1).reshape(n, heads * head_dim)
+        flat_positions = positions[:, 0] if positions.dim() == 3 else positions[0]
+        # vLLM's M-RoPE asserts a key is given; the queries themselves serve (the copy is dropped).
+        rotated, _ = attention.module.rotary_emb.forward_native(flat_positions, flat, flat.clone())
+        return rotated.reshape(n, heads, head_dim).transpose(0, 1)[None]

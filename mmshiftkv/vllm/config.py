@@ -1,0 +1,156 @@
+"""Which press an engine runs, read from vLLM's ``additional_config``, and the engine settings it needs.
+
+A press is enabled per engine, never process-wide::
+
+    LLM(model, additional_config={"mmshiftkv": {"press": "shiftkv", "budget": 64}}, ...)
+    vllm serve MODEL --additional-config '{"mmshiftkv": {"press": "snapkv", "budget": 128}}'
+
+The configuration travels inside ``VllmConfig`` to the scheduler and to every worker process, so
+all of them build the same press.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmshiftkv.presses import PRESSES, BudgetedPress
+
+#: Key of this plugin's section in vLLM's ``additional_config``.
+CONFIG_KEY = "mmshiftkv"
+
+#: Presses whose scoring uses only what :class:`~mmshiftkv.vllm.adapter.VLLMAdapter` offers (queries,
+#: RoPE at any position, future positions). ExpectedAttention also needs the rotary cos/sin tables in
+#: transformers' layout and is not offered here; FullKV compresses nothing.
+VLLM_PRESSES = ("shiftkv", "snapkv", "streaming_llm", "keydiff", "last_attn")
+
+
+class EngineConfigError(ValueError):
+    """The vLLM engine's settings cannot run a press correctly (the message says what to change)."""
+
+
+@dataclass
+class VLLMPressConfig:
+    """The press one vLLM engine applies at the end of every prompt's prefill.
+
+    Parameters
+    ----------
+    press : str
+        Name of the press, one of :data:`VLLM_PRESSES`.
+    budget : int
+        Prompt tokens every KV head keeps, the last prompt token included (uniform budgets:
+        every layer and head keeps the same number). Prompts not longer than it stay whole.
+    press_kwargs : dict, optional
+        Further keyword arguments of the press class (``{"gamma": 10, "tau": 0.95}``).
+    record_selection : bool, default=False
+        Keep each compressed request's kept token indices on the worker (for tests and analysis;
+        it holds ``layers * kv_heads * budget`` integers per request until read).
+    """
+
+    press: str
+    budget: int
+    press_kwargs: dict[str, Any] = field(default_factory=dict)
+    record_selection: bool = False
+
+    def __post_init__(self) -> None:
+        if self.press not in VLLM_PRESSES:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: unknown or unsupported press {self.press!r}; "
+                f"choose from {', '.join(VLLM_PRESSES)}"
+            )
+        if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Integral) or self.budget < 1:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: budget must be an int >= 1 (tokens per KV head), got {self.budget!r}"
+            )
+        if not isinstance(self.press_kwargs, dict):
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: press_kwargs must be a dict, got {type(self.press_kwargs).__name__}"
+            )
+        refused = sorted({"budget", "compression_ratio", "allocator"} & set(self.press_kwargs))
+        if refused:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: press_kwargs may not set {', '.join(refused)}: the vLLM plugin serves "
+                "uniform absolute budgets only (give `budget`)"
+            )
+        if not isinstance(self.record_selection, bool):
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: record_selection must be a bool, got {self.record_selection!r}"
+            )
+        self.build_press()  # Bad press arguments fail when the engine is configured, not at the first prompt.
+
+    def build_press(self) -> BudgetedPress:
+        """A fresh press object with this configuration."""
+        try:
+            return PRESSES[self.press](budget=self.budget, **self.press_kwargs)
+        except (TypeError, ValueError) as error:
+            raise EngineConfigError(f"mmshiftkv.vllm: cannot build {self.press!r} press: {error}") from error
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> VLLMPressConfig | None:
+        """The press configured for this engine, or None when the engine runs without one."""
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        if not isinstance(additional, dict) or CONFIG_KEY not in additional:
+            return None
+        section = additional[CONFIG_KEY]
+        if not isinstance(section, dict):
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] must be a dict such as "
+                f"{{'press': 'shiftkv', 'budget': 64}}, got {section!r}"
+            )
+        unknown = sorted(set(section) - {"press", "budget", "press_kwargs", "record_selection"})
+        if unknown:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: unknown keys {', '.join(unknown)} in additional_config[{CONFIG_KEY!r}] "
+                "(expected press, budget, press_kwargs, record_selection)"
+            )
+        missing = [name for name in ("press", "budget") if name not in section]
+        if missing:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] needs {', '.join(missing)}"
+            )
+        return cls(**section)
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """Refuse engine settings under which a prefill-time press would give wrong output or leak blocks.
+
+    Raises
+    ------
+    EngineConfigError
+        Naming the setting and the value to use instead.
+    """
+    problems = []
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append(
+            "prefix caching is on: a compressed request's blocks no longer hold the tokens their hashes "
+            "name, so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
+        )
+    scheduler = vllm_config.scheduler_config
+    if scheduler.enable_chunked_prefill:
+        problems.append(
+            "chunked prefill is on: a press scores the whole prompt in one step (pass "
+            "enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
+        )
+    if getattr(scheduler, "async_scheduling", False):
+        problems.append("async scheduling is on (pass async_scheduling=False)")
+    compilation = vllm_config.compilation_config
+    if int(compilation.mode) != 0:
+        problems.append(
+            "torch.compile / CUDA graphs are on: the press reads each layer's attention input from Python "
+            "hooks, which compiled graphs skip (pass enforce_eager=True)"
+        )
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is on (its draft tokens would be scored as prompt)")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append(
+            "a KV connector is configured (transferred blocks would not match the compacted layout)"
+        )
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        problems.append(
+            "the V2 model runner is selected (the plugin patches the V1 GPUModelRunner/CPUModelRunner)"
+        )
+    if problems:
+        raise EngineConfigError(
+            "mmshiftkv.vllm cannot run a press with these engine settings:\n- " + "\n- ".join(problems)
+        )
