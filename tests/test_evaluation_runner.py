@@ -233,6 +233,9 @@ def test_plan_runs_full_once_then_press_x_allocator_x_budget() -> None:
         ({"presses": ("h2o",)}, "unknown presses"),
         ({"allocators": ("sparsemm",)}, "head_scores"),
         ({"budgets": (0,)}, "budget"),
+        ({"budgets": (16, 16)}, r"budgets has duplicates: \[16, 16\]"),
+        ({"allocators": ("pyramid",), "budgets": (64, 32)}, r"'pyramid'.*budget \(32\) must be larger"),
+        ({"allocators": ("ada",), "budgets": (8,), "allocator_window": 8}, "allocator-window"),
         ({"batch_size": 0}, "batch_size"),
         ({"presses": ("full", "full")}, "duplicates"),
         ({"dataset_ids": {"vqav2": "x"}}, "unknown tasks"),
@@ -285,27 +288,72 @@ def test_build_press_with_each_allocator(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _line(index: int, prediction: str) -> dict:
+    return {"index": index, "prediction": prediction, "prompt_tokens": 9, "kept_tokens": 4.0, "record": {}}
+
+
 def test_store_merges_ranks_and_ignores_a_cut_line(tmp_path: Path) -> None:
     store = PredictionStore(tmp_path)
     run = RunSpec("chartqa", "snapkv", "uniform", 64)
     with store.writer(run, 0) as write:
-        write({"index": 0, "prediction": "a"})
-        write({"index": 2, "prediction": "c"})
+        write(_line(0, "a"))
+        write(_line(2, "c"))
     with store.writer(run, 1) as write:
-        write({"index": 1, "prediction": "b"})
+        write(_line(1, "b"))
     # an interruption in the middle of a write leaves half a line behind
     with open(store.path(run, 1), "a") as handle:
         handle.write('{"index": 3, "predic')
     assert {i: line["prediction"] for i, line in store.read(run).items()} == {0: "a", 1: "b", 2: "c"}
     # the owner drops the cut line before appending again
     with store.writer(run, 1) as write:
-        write({"index": 3, "prediction": "d"})
-    assert store.path(run, 1).read_text().splitlines() == [
-        '{"index": 1, "prediction": "b"}',
-        '{"index": 3, "prediction": "d"}',
-    ]
+        write(_line(3, "d"))
+    stored = [json.loads(text) for text in store.path(run, 1).read_text().splitlines()]
+    assert stored == [_line(1, "b"), _line(3, "d")]
     assert sorted(store.read(run)) == [0, 1, 2, 3]
     assert store.read(RunSpec("chartqa", "full")) == {}
+
+
+def test_a_complete_last_line_without_its_newline_is_not_counted(tmp_path: Path) -> None:
+    """The write was cut right before its newline: reading and the writer must agree on dropping it,
+    otherwise the sample counts as done and then disappears (one sample short until a 2nd resume)."""
+    store = PredictionStore(tmp_path)
+    run = RunSpec("chartqa", "full")
+    with store.writer(run, 0) as write:
+        write(_line(0, "a"))
+    with open(store.path(run, 0), "a") as handle:
+        handle.write(json.dumps(_line(1, "b")))  # parses, but no newline
+    assert sorted(store.read(run)) == [0]
+    with store.writer(run, 0) as write:
+        write(_line(1, "b"))
+    assert sorted(store.read(run)) == [0, 1]
+    assert store.path(run, 0).read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "[]",
+        "{}",
+        "null",
+        "3",
+        '"text"',
+        '{"index": "1", "prediction": "x", "prompt_tokens": 1, "kept_tokens": 1, "record": {}}',
+        '{"index": true, "prediction": "x", "prompt_tokens": 1, "kept_tokens": 1, "record": {}}',
+        '{"index": -1, "prediction": "x", "prompt_tokens": 1, "kept_tokens": 1, "record": {}}',
+        '{"index": 1, "prediction": "x", "prompt_tokens": 1, "kept_tokens": 1, "record": null}',
+        '{"index": 1, "prediction": "x"}',
+        "not json at all",
+    ],
+)
+def test_lines_that_are_not_records_are_skipped_with_a_warning(tmp_path: Path, bad: str) -> None:
+    store = PredictionStore(tmp_path)
+    run = RunSpec("chartqa", "full")
+    path = store.path(run, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_line(0, "a")) + "\n" + bad + "\n" + json.dumps(_line(2, "c")) + "\n")
+    with pytest.warns(UserWarning, match=r"full\.rank0\.jsonl:2 is not a prediction record"):
+        lines = store.read(run)
+    assert {i: line["prediction"] for i, line in lines.items()} == {0: "a", 2: "c"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,8 +476,168 @@ def test_resume_refuses_another_setting(tmp_path: Path) -> None:
         tmp_path, EvalConfig(model="a", tasks=("chartqa", "ocrbench")).fingerprint(both)
     )
     assert sorted(merged["tasks"]) == ["chartqa", "ocrbench"]
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(runner.EvalSetupError, match="model"):
         runner._merge_fingerprint(tmp_path, EvalConfig(model="b", tasks=("chartqa",)).fingerprint(tasks))
     longer = runner.build_tasks(EvalConfig(model="a", tasks=("chartqa",), max_new_tokens=5))
     with pytest.raises(ValueError, match="tasks.chartqa"):
         runner._merge_fingerprint(tmp_path, EvalConfig(model="a", tasks=("chartqa",)).fingerprint(longer))
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup errors: raised before anything is generated
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_head_score_file_is_rejected_with_the_configuration(tmp_path: Path) -> None:
+    broken = tmp_path / "scores.json"
+    broken.write_text("")
+    with pytest.raises(ValueError, match=r"scores\.json' is not JSON"):
+        EvalConfig(model="m", allocators=("uniform", "sparsemm"), head_scores=str(broken))
+    # FullKV alone builds no allocator
+    EvalConfig(model="m", presses=("full",), allocators=("sparsemm",), head_scores=str(broken))
+
+
+class GenerationCounter:
+    """Stands in for ``runner.generate_answers``; counts calls and answers every sample with "x"."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model, processor, inputs, press, max_new_tokens):
+        self.calls += 1
+        n = inputs["input_ids"].shape[0]
+        return [{"generated": "x", "prompt_tokens": 10, "kept_tokens": 4.0} for _ in range(n)]
+
+
+@pytest.fixture
+def chartqa_setup(tmp_path: Path, monkeypatch) -> tuple[dict, GenerationCounter]:
+    from conftest import tiny
+
+    folders = write_task_datasets(tmp_path / "data", 2, tasks=["chartqa"])
+    counter = GenerationCounter()
+    monkeypatch.setattr(runner, "generate_answers", counter)
+    model, processor = tiny("qwen2.5-vl")
+    config = dict(
+        model="tiny",
+        tasks=("chartqa",),
+        presses=("full", "snapkv"),
+        budgets=(48,),
+        dataset_ids={"chartqa": folders["chartqa"]},
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        plot=False,
+    )
+    return {"config": config, "model": model, "processor": processor, "root": tmp_path}, counter
+
+
+def _evaluate(setup: dict, **overrides):
+    config = EvalConfig(**{**setup["config"], **overrides})
+    return runner.run_evaluation(config, setup["model"], setup["processor"])
+
+
+def test_head_scores_of_another_model_fail_before_the_first_generation(chartqa_setup) -> None:
+    setup, counter = chartqa_setup
+    scores = setup["root"] / "other_model.json"
+    scores.write_text(json.dumps({f"{layer}-{head}": [1.0] for layer in range(5) for head in range(3)}))
+    with pytest.raises(runner.EvalSetupError, match="'sparsemm' does not fit.*5 layers x 3 query heads"):
+        _evaluate(setup, allocators=("sparsemm",), head_scores=str(scores))
+    assert counter.calls == 0
+
+
+def test_a_second_evaluation_on_the_same_output_dir_is_refused(chartqa_setup) -> None:
+    from filelock import FileLock
+
+    setup, counter = chartqa_setup
+    out = Path(setup["config"]["output_dir"])
+    out.mkdir()
+    with FileLock(out / "eval.lock"):  # the first evaluation, still running
+        with pytest.raises(runner.OutputDirBusyError, match="in use by another running evaluation"):
+            _evaluate(setup)
+        assert counter.calls == 0
+    summary = _evaluate(setup)  # once it is done, the same command runs
+    assert summary.complete and counter.calls == summary.computed == 4
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionError("Couldn't reach 'lmms-lab-encoder/ChartQA' on the Hub (LocalEntryNotFoundError)"),
+        FileNotFoundError("Couldn't find any data file at /nowhere."),
+    ],
+)
+def test_unreachable_data_is_one_error_naming_the_dataset_and_the_way_out(
+    chartqa_setup, monkeypatch, error
+) -> None:
+    setup, counter = chartqa_setup
+
+    def unreachable(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(runner.EvalSetupError) as info:
+        _evaluate(setup, dataset_ids={})
+    message = str(info.value)
+    assert message.startswith(
+        "cannot load ChartQA (chartqa) from 'lmms-lab-encoder/ChartQA', split 'test': "
+        f"{type(error).__name__}: {str(error).rstrip('.')}. Without the hub"
+    )
+    assert "--dataset-id chartqa=FOLDER" in message
+    assert (
+        "FOLDER/data/test-00000-of-00001.parquet holding the columns question, answer, type, image" in message
+    )
+    assert "\n" not in message and counter.calls == 0
+
+
+def test_a_local_folder_without_a_task_column_names_it(chartqa_setup) -> None:
+    setup, counter = chartqa_setup
+    folders = write_task_datasets(setup["root"] / "no_type", 2, tasks=["chartqa"])
+    table = datasets.load_dataset(folders["chartqa"], split="test").remove_columns("type")
+    table.to_parquet(str(Path(folders["chartqa"]) / "data" / "test-00000-of-00001.parquet"))
+    with pytest.raises(
+        runner.EvalSetupError, match=r"has no column\(s\) type \(it has question, answer, image"
+    ):
+        _evaluate(setup, dataset_ids={"chartqa": folders["chartqa"]}, cache_dir=str(setup["root"] / "c2"))
+    assert counter.calls == 0
+
+
+def test_a_local_folder_needs_no_dataset_config(tmp_path: Path) -> None:
+    (tmp_path / "docvqa").mkdir()
+    config = EvalConfig(
+        model="m", tasks=("docvqa_val",), dataset_ids={"docvqa_val": str(tmp_path / "docvqa")}
+    )
+    assert runner.build_tasks(config)["docvqa_val"].dataset_config is None
+    # a hub id keeps the task's config, an explicit one wins
+    assert (
+        runner.build_tasks(EvalConfig(model="m", tasks=("docvqa_val",)))["docvqa_val"].dataset_config
+        == "DocVQA"
+    )
+    explicit = EvalConfig(
+        model="m",
+        tasks=("docvqa_val",),
+        dataset_ids={"docvqa_val": str(tmp_path / "docvqa")},
+        dataset_configs={"docvqa_val": "mine"},
+    )
+    assert runner.build_tasks(explicit)["docvqa_val"].dataset_config == "mine"
+
+
+def test_model_loading_hides_the_weight_progress_bar_and_restores_it(monkeypatch) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    seen = []
+
+    def from_pretrained(*args, **kwargs):
+        seen.append(transformers_logging.is_progress_bar_enabled())
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection"
+        )
+
+    monkeypatch.setattr(runner.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    assert transformers_logging.is_progress_bar_enabled()
+    with pytest.raises(runner.EvalSetupError) as info:
+        runner.load_model("org/model")
+    assert seen == [False] and transformers_logging.is_progress_bar_enabled()
+    assert str(info.value) == (
+        "cannot load the model 'org/model': OSError: We couldn't connect to 'https://huggingface.co' to load "
+        "the files. Without the hub, pass --model a local directory holding the checkpoint and its "
+        "processor (save_pretrained)"
+    )

@@ -18,6 +18,7 @@ from mmshiftkv.evaluation.runner import (
     ALLOCATORS,
     DTYPES,
     EvalConfig,
+    EvalSetupError,
     analyze_samples,
     load_model,
     make_state,
@@ -155,7 +156,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     state = make_state(cpu=args.cpu)
-    summary = run_evaluation(config, state=state)
+    try:
+        summary = run_evaluation(config, state=state)
+    except EvalSetupError as error:
+        # setup problems (hub, files, output directory) surface before any generation: one line each
+        return _fail(parser, error)
     if state.is_main_process:
         if summary.results:
             print((Path(config.output_dir) / "table.md").read_text(encoding="utf-8"))
@@ -166,6 +171,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             print("rerun the same command to resume")
     state.wait_for_everyone()
     return 0
+
+
+def _fail(parser: argparse.ArgumentParser, error: Exception) -> int:
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 1
 
 
 def analyze_parser() -> argparse.ArgumentParser:
@@ -210,18 +220,23 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     if plot:
         report.require_matplotlib()
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
-    model, processor = load_model(args.model, args.dtype, args.device_map, args.attn_implementation, device)
-    if args.task is not None:
-        overrides = {} if args.dataset_id is None else {"dataset_id": args.dataset_id}
-        if args.dataset_config is not None:
-            overrides["dataset_config"] = args.dataset_config or None
-        conversations = task_conversations(
-            args.task, args.num_samples, args.dataset_org, args.cache_dir, **overrides
+    try:
+        model, processor = load_model(
+            args.model, args.dtype, args.device_map, args.attn_implementation, device
         )
-        source = f"task:{args.task}"
-    else:
-        conversations = synthetic_conversations(args.num_samples, args.image_size, args.seed)
-        source = "synthetic"
+        if args.task is not None:
+            overrides = {} if args.dataset_id is None else {"dataset_id": args.dataset_id}
+            if args.dataset_config is not None:
+                overrides["dataset_config"] = args.dataset_config or None
+            conversations = task_conversations(
+                args.task, args.num_samples, args.dataset_org, args.cache_dir, **overrides
+            )
+            source = f"task:{args.task}"
+        else:
+            conversations = synthetic_conversations(args.num_samples, args.image_size, args.seed)
+            source = "synthetic"
+    except EvalSetupError as error:
+        return _fail(parser, error)
     result = analyze_samples(model, processor, conversations, presses, args.budget, args.max_new_tokens)
     result = {"model": args.model, "source": source, **result}
     output_dir = Path(args.output_dir)

@@ -14,6 +14,7 @@ process is done. Models bigger than one GPU load with ``device_map="auto"`` in o
 Files under ``output_dir``::
 
     config.json                            what the predictions depend on (checked on resume)
+    eval.lock                              held while an evaluation runs (one at a time per directory)
     predictions/<task>/<run>.rank<r>.jsonl one line per sample: index, prediction, score record
     results.json, results.csv, table.md    written by :mod:`mmshiftkv.evaluation.report`
     score_vs_budget.png
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,9 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel, set_seed
+from transformers.utils import logging as transformers_logging
 
 from mmshiftkv.allocators import (
     AdaAllocator,
@@ -47,16 +51,20 @@ from mmshiftkv.allocators import (
     SparseMMAllocator,
     UniformAllocator,
 )
+from mmshiftkv.allocators.base import budget_after_window
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
 from mmshiftkv.evaluation.tasks import TASKS, TaskSpec, get_task
+from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses import PRESSES, BudgetedPress
 
 __all__ = [
     "ALLOCATORS",
     "DTYPES",
     "EvalConfig",
+    "EvalSetupError",
     "EvalSummary",
+    "OutputDirBusyError",
     "PredictionStore",
     "RunSpec",
     "analyze_samples",
@@ -66,9 +74,11 @@ __all__ = [
     "encode_messages",
     "generate_answers",
     "load_model",
+    "load_task_split",
     "make_state",
     "merge_results",
     "plan_runs",
+    "quiet_weight_loading",
     "run_evaluation",
     "synthetic_conversations",
     "task_conversations",
@@ -181,6 +191,8 @@ class EvalConfig:
         self.budgets = tuple(self.budgets)
         for budget in self.budgets:
             _positive_int(budget, "each budget")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets has duplicates: {list(self.budgets)}")
         if any(p != FULL for p in self.presses) and not self.budgets:
             raise ValueError("budgets must not be empty when a press other than 'full' is evaluated")
         if "sparsemm" in self.allocators and self.head_scores is None:
@@ -203,6 +215,21 @@ class EvalConfig:
             raise ValueError(f"allocator_window must be an int >= 0 or None, got {self.allocator_window!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self._check_allocators()
+
+    def _check_allocators(self) -> None:
+        """Build every allocator once (reads the head-score file) and check each budget against its
+        window, so a bad setting fails before any generation, not after the first runs."""
+        if all(p == FULL for p in self.presses):
+            return
+        for name in self.allocators:
+            allocator = build_allocator(name, self.head_scores, self.allocator_window)
+            window = getattr(allocator, "window", None)
+            for budget in self.budgets if window is not None else ():
+                try:
+                    budget_after_window(budget, window)
+                except ValueError as error:
+                    raise ValueError(f"allocator {name!r}: {error} (--allocator-window)") from None
 
     def fingerprint(self, tasks: Mapping[str, TaskSpec]) -> dict[str, Any]:
         """What the stored predictions depend on; a resumed run must match it.
@@ -254,12 +281,18 @@ def plan_runs(config: EvalConfig) -> list[RunSpec]:
 
 
 def build_tasks(config: EvalConfig) -> dict[str, TaskSpec]:
-    """The configured tasks with the dataset, seed and generation-length overrides applied."""
+    """The configured tasks with the dataset, seed and generation-length overrides applied.
+
+    A ``dataset_ids`` entry naming an existing local folder gets no dataset config (a folder of
+    parquet files has none) unless ``dataset_configs`` gives one.
+    """
     tasks = {}
     for name in config.tasks:
         overrides: dict[str, Any] = {"seed": config.seed}
         if name in config.dataset_ids:
             overrides["dataset_id"] = config.dataset_ids[name]
+            if isinstance(config.dataset_ids[name], str) and os.path.isdir(config.dataset_ids[name]):
+                overrides["dataset_config"] = None
         if name in config.dataset_configs:
             overrides["dataset_config"] = config.dataset_configs[name]
         if config.max_new_tokens is not None:
@@ -320,6 +353,53 @@ def make_state(cpu: bool = False) -> PartialState:
     return PartialState(cpu=cpu or not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
+class EvalSetupError(ValueError):
+    """The evaluation cannot start (a dataset, the model or the output directory is unusable); the
+    message says why and what to do. Raised before anything is generated."""
+
+
+class OutputDirBusyError(EvalSetupError):
+    """Another evaluation holds the lock of the output directory."""
+
+
+def _first_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, without a final full stop (the caller adds a sentence)."""
+    text = str(error).strip()
+    line = text.splitlines()[0].rstrip(" .:") if text else ""
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def load_task_split(name: str, task: TaskSpec, limit: int | None = None, cache_dir: str | None = None) -> Any:
+    """``task.load(limit)`` with hub, network and file errors turned into one :class:`EvalSetupError`
+    line naming the dataset and the local-folder way out."""
+    try:
+        return task.load(limit, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        columns = ", ".join(task.required_columns())
+        raise EvalSetupError(
+            f"cannot load {task.display_name} ({name}) from {task.dataset_id!r}, split {task.split!r}: "
+            f"{_first_line(error)}. Without the hub, use a local copy: --dataset-id {name}=FOLDER with "
+            f"FOLDER/data/{task.split}-00000-of-00001.parquet holding the columns {columns} (README: "
+            "'Evaluate on your own or offline data')"
+        ) from error
+
+
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" progress bar, restoring the setting after.
+
+    The bar redraws once per weight and floods the logs of batch jobs; the evaluation's own
+    progress bars are not affected.
+    """
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(
     model_id: str,
     dtype: str = "auto",
@@ -330,7 +410,8 @@ def load_model(
     """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a hub id or a local directory.
 
     With ``device_map`` (e.g. ``"auto"``) accelerate places the weights; otherwise the model is
-    moved to ``device``. The processor pads on the left, as batched generation needs.
+    moved to ``device``. The processor pads on the left, as batched generation needs. The
+    "Loading weights" progress bar is hidden (:func:`quiet_weight_loading`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -339,10 +420,17 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    try:
+        with quiet_weight_loading():
+            model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as error:
+        raise EvalSetupError(
+            f"cannot load the model {model_id!r}: {_first_line(error)}. Without the hub, pass --model a "
+            "local directory holding the checkpoint and its processor (save_pretrained)"
+        ) from error
     if device_map is None and device is not None:
         model = model.to(device)
-    processor = AutoProcessor.from_pretrained(model_id)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
 
@@ -399,8 +487,11 @@ class PredictionStore:
     """Per-run JSONL prediction files under ``<root>/predictions/<task>/``.
 
     Each process appends to its own ``<run>.rank<r>.jsonl``; reading a run merges every rank's
-    file (also those of an earlier invocation with another number of processes). A line cut by an
-    interruption is ignored on reading and removed before the owning process appends again.
+    file (also those of an earlier invocation with another number of processes). Only lines ending
+    in a newline count: a last line without one was cut by an interruption (even when what was
+    written happens to parse), is ignored on reading and removed before the owning process appends
+    again, so its sample is generated once more. Lines that are not prediction records (``[]``,
+    ``{}``, ``null``, a record without its fields) are skipped with a warning naming the file.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -414,12 +505,17 @@ class PredictionStore:
         lines: dict[int, dict[str, Any]] = {}
         for path in sorted((self.root / run.task).glob(f"{run.key}.rank*.jsonl")):
             with open(path, encoding="utf-8") as handle:
-                for text in handle:
+                for number, text in enumerate(handle, 1):
+                    if not text.endswith("\n"):
+                        continue  # the tail of an interrupted write
                     try:
                         line = json.loads(text)
                     except json.JSONDecodeError:
-                        continue  # the tail of an interrupted write
-                    lines.setdefault(int(line["index"]), line)
+                        line = None
+                    if not _is_record(line):
+                        warnings.warn(f"{path}:{number} is not a prediction record, skipped", stacklevel=2)
+                        continue
+                    lines.setdefault(line["index"], line)
         return lines
 
     @contextlib.contextmanager
@@ -437,6 +533,18 @@ class PredictionStore:
             yield write
 
 
+#: The fields every stored line has (written by :func:`_evaluate_run`, read by :func:`merge_results`).
+RECORD_FIELDS = ("index", "prediction", "prompt_tokens", "kept_tokens", "record")
+
+
+def _is_record(line: Any) -> bool:
+    if not isinstance(line, dict) or any(name not in line for name in RECORD_FIELDS):
+        return False
+    index = line["index"]
+    valid_index = isinstance(index, int) and not isinstance(index, bool) and index >= 0
+    return valid_index and isinstance(line["record"], dict)
+
+
 def _drop_partial_last_line(path: Path) -> None:
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -451,7 +559,7 @@ def _merge_fingerprint(output_dir: Path, fingerprint: dict[str, Any]) -> dict[st
 
     Raises
     ------
-    ValueError
+    EvalSetupError
         If the stored setting differs from ``fingerprint`` in a common field or in a task both hold.
     """
     path = output_dir / "config.json"
@@ -468,7 +576,7 @@ def _merge_fingerprint(output_dir: Path, fingerprint: dict[str, Any]) -> dict[st
         if stored["tasks"][name] != current["tasks"][name]
     )
     if differing:
-        raise ValueError(
+        raise EvalSetupError(
             f"{output_dir} holds predictions of another setting (differs in: {', '.join(differing)}); "
             "use another --output-dir or remove it"
         )
@@ -527,14 +635,56 @@ def run_evaluation(
         On the main process, the complete runs' results have been written to
         ``config.output_dir`` (:func:`mmshiftkv.evaluation.report.write_results`), with the
         incomplete runs listed in ``results.json``.
+
+    Raises
+    ------
+    OutputDirBusyError
+        If another evaluation is running on ``config.output_dir``.
+    EvalSetupError
+        If a dataset or the model cannot be loaded; raised before anything is generated.
+        Also when ``config.output_dir`` holds predictions of another setting, or the SparseMM
+        head scores do not fit the model.
     """
     state = state if state is not None else make_state()
     if config.device_map is not None and state.num_processes > 1:
-        raise ValueError(
+        raise EvalSetupError(
             "device_map shards one model over all GPUs of one process: run it with a single process"
         )
     if config.plot:
         report.require_matplotlib()
+    with _output_dir_lock(Path(config.output_dir), state):
+        return _run_locked(config, model, processor, state)
+
+
+@contextlib.contextmanager
+def _output_dir_lock(output_dir: Path, state: PartialState) -> Iterator[None]:
+    """Hold ``output_dir/eval.lock`` (main process) for the whole evaluation.
+
+    The OS releases the lock when the process dies, so a killed run never leaves a stale lock. The
+    other processes of the same launch share the main process's lock; if it cannot be taken the
+    main process raises and the launcher (accelerate/torchrun) stops the others.
+    """
+    if not state.is_main_process:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(output_dir / "eval.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputDirBusyError(
+            f"{output_dir} is in use by another running evaluation: wait for it to finish, then rerun "
+            "this command (it resumes), or use another --output-dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    config: EvalConfig, model: PreTrainedModel | None, processor: Any, state: PartialState
+) -> EvalSummary:
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
     tasks = build_tasks(config)
@@ -552,12 +702,13 @@ def run_evaluation(
     datasets = {}
     for name, task in tasks.items():
         with state.main_process_first():
-            datasets[name] = task.load(config.limit, cache_dir=config.cache_dir)
+            datasets[name] = load_task_split(name, task, config.limit, config.cache_dir)
 
     if model is None:
         model, processor = load_model(
             config.model, config.dtype, config.device_map, config.attn_implementation, state.device
         )
+    _check_allocators_fit(config, model)
     allowance = config.max_samples_this_run
     computed = 0
     for run in runs:
@@ -580,6 +731,20 @@ def run_evaluation(
                 summary.results, output_dir, config.budgets, plot=config.plot, incomplete=summary.incomplete
             )
     return summary
+
+
+def _check_allocators_fit(config: EvalConfig, model: PreTrainedModel) -> None:
+    """Bind every configured allocator to the model's shape (SparseMM head scores made for another
+    model fail here, before the first generation)."""
+    if all(p == FULL for p in config.presses):
+        return
+    adapter = get_adapter(model)
+    for name in config.allocators:
+        allocator = build_allocator(name, config.head_scores, config.allocator_window)
+        try:
+            allocator.bind(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads)
+        except ValueError as error:
+            raise EvalSetupError(f"allocator {name!r} does not fit {config.model!r}: {error}") from None
 
 
 def _evaluate_run(
@@ -702,7 +867,7 @@ def task_conversations(
 ) -> list[list[dict]]:
     """The prompts (chat messages) of the first ``n`` samples of a task."""
     spec = get_task(task, dataset_org=dataset_org, **overrides)
-    return [spec.build_messages(row) for row in spec.load(n, cache_dir=cache_dir)]
+    return [spec.build_messages(row) for row in load_task_split(task, spec, n, cache_dir)]
 
 
 def analyze_samples(

@@ -131,6 +131,8 @@ class TaskSpec(ABC):
     """Column header in the paper's tables."""
     metric: ClassVar[str]
     """Name of the reported metric."""
+    columns: ClassVar[tuple[str, ...]]
+    """Dataset columns the task reads (checked when the split is loaded)."""
 
     dataset_id: str = ""
     split: str = ""
@@ -167,9 +169,28 @@ class TaskSpec(ABC):
             if type(value) is not type(field.default):
                 raise TypeError(f"{field.name} must be a {type(field.default).__name__}, got {value!r}")
 
+    def required_columns(self) -> tuple[str, ...]:
+        """The columns a dataset of this task must have (:attr:`columns`, plus optional ones in use)."""
+        return self.columns
+
     def load(self, limit: int | None = None, **load_kwargs: Any) -> datasets.Dataset:
-        """This task's split through :func:`load_task_dataset`."""
-        return load_task_dataset(self.dataset_id, self.split, self.dataset_config, limit, **load_kwargs)
+        """This task's split through :func:`load_task_dataset`.
+
+        Raises
+        ------
+        ValueError
+            If the split lacks a column of :meth:`required_columns`, naming the missing and the
+            present columns.
+        """
+        dataset = load_task_dataset(self.dataset_id, self.split, self.dataset_config, limit, **load_kwargs)
+        missing = [column for column in self.required_columns() if column not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{self.name}: the {self.split!r} split of {self.dataset_id!r} has no column(s) "
+                f"{', '.join(missing)} (it has {', '.join(dataset.column_names)}); a {self.display_name} "
+                f"dataset needs {', '.join(self.required_columns())}"
+            )
+        return dataset
 
     @abstractmethod
     def build_prompt(self, row: Row) -> str:
@@ -220,6 +241,7 @@ class DocVQATask(TaskSpec):
     name: ClassVar[str] = "docvqa_val"
     display_name: ClassVar[str] = "DocVQA"
     metric: ClassVar[str] = "ANLS"
+    columns: ClassVar[tuple[str, ...]] = ("question", "answers", "image")
 
     dataset_id: str = "lmms-lab-encoder/DocVQA"
     split: str = "validation"
@@ -242,6 +264,7 @@ class OCRBenchTask(TaskSpec):
     name: ClassVar[str] = "ocrbench"
     display_name: ClassVar[str] = "OCRBench"
     metric: ClassVar[str] = "correct / 1000"
+    columns: ClassVar[tuple[str, ...]] = ("question", "answer", "dataset", "question_type", "image")
 
     dataset_id: str = "echo840/OCRBench"
     split: str = "test"
@@ -281,6 +304,7 @@ class TextVQATask(TaskSpec):
     name: ClassVar[str] = "textvqa_val"
     display_name: ClassVar[str] = "TextVQA"
     metric: ClassVar[str] = "VQA accuracy"
+    columns: ClassVar[tuple[str, ...]] = ("question", "answers", "image")
 
     dataset_id: str = "lmms-lab-encoder/textvqa"
     split: str = "validation"
@@ -291,6 +315,9 @@ class TextVQATask(TaskSpec):
     use_ocr_tokens: bool = False
     """Append ``"\\nReference OCR token: a, b, ..."`` from the row's ``ocr_tokens`` (lmms-eval's
     ``ocr`` option, off by default)."""
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (*self.columns, "ocr_tokens") if self.use_ocr_tokens else self.columns
 
     def build_prompt(self, row: Row) -> str:
         ocr = f"\nReference OCR token: {', '.join(row['ocr_tokens'])}" if self.use_ocr_tokens else ""
@@ -308,6 +335,7 @@ class ChartQATask(TaskSpec):
     name: ClassVar[str] = "chartqa"
     display_name: ClassVar[str] = "ChartQA"
     metric: ClassVar[str] = "relaxed accuracy"
+    columns: ClassVar[tuple[str, ...]] = ("question", "answer", "type", "image")
 
     dataset_id: str = "lmms-lab-encoder/ChartQA"
     split: str = "test"
@@ -342,6 +370,7 @@ class TextCapsTask(TaskSpec):
     name: ClassVar[str] = "textcaps_val"
     display_name: ClassVar[str] = "TextCaps"
     metric: ClassVar[str] = "CIDEr"
+    columns: ClassVar[tuple[str, ...]] = ("image_id", "caption_str", "image")
 
     dataset_id: str = "lmms-lab-encoder/TextCaps"
     split: str = "val"
@@ -417,6 +446,7 @@ class MMMUTask(TaskSpec):
     name: ClassVar[str] = "mmmu_val"
     display_name: ClassVar[str] = "MMMU"
     metric: ClassVar[str] = "accuracy"
+    columns: ClassVar[tuple[str, ...]] = ("id", "question", "options", "question_type", "answer", "image_1")
 
     dataset_id: str = "lmms-lab-encoder/MMMU"
     split: str = "validation"
