@@ -2,18 +2,33 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The oldest supported transformers (with kvpress, whose releases support only transformers < 5.3), in a
+# second venv that reuses $(VENV)'s packages (torch, the built op) and overrides transformers, tokenizers
+# and kvpress: the suite runs on both ends of the supported range.
+OLDEST ?= .venv-oldest
+OLDEST_PINS ?= transformers==5.2.0 "tokenizers>=0.22,<=0.23.0" kvpress==0.5.5
 # CI (CI=true) must compile the CUDA half of the op: a .cu compile error fails the run.
 FORCE_CUDA ?= $(if $(CI),1,)
 export FORCE_CUDA
 
-.PHONY: demo test lint build clean
+.PHONY: demo test test-newest test-oldest test-rounding lint build clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q setuptools wheel ninja
-	$(PIP) install -q --no-build-isolation -e ".[dev,eval]"
+	$(PIP) install -q --upgrade --no-build-isolation -e ".[dev,eval]"
+	touch $@
+
+$(OLDEST)/.installed: $(VENV)/.installed
+	test -x $(OLDEST)/bin/python || python3 -m venv $(OLDEST)
+	$(OLDEST)/bin/python -c "import site, sys; from pathlib import Path; \
+	  base = Path(sys.argv[1]).resolve(); \
+	  Path(site.getsitepackages()[0], 'zz_mmshiftkv_base.pth').write_text(f'import site; site.addsitedir({str(base)!r})\n')" \
+	  "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	$(OLDEST)/bin/python -m pip install -q --ignore-installed --no-deps $(OLDEST_PINS)
+	$(OLDEST)/bin/python -m pip check
 	touch $@
 
 build: $(VENV)/.installed
@@ -24,8 +39,20 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The whole suite on the newest transformers the index offers, then on the oldest supported one, then the
+# op tests again under another MKL rounding (a test must not depend on how a GEMM rounds).
+test: lint test-newest test-oldest test-rounding
+
+test-newest: $(VENV)/.installed
+	$(PY) -c "import transformers; print('transformers', transformers.__version__)"
 	$(VENV)/bin/pytest
 
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -c "import transformers, kvpress; print('transformers', transformers.__version__)"
+	$(OLDEST)/bin/python -m pytest
+
+test-rounding: $(VENV)/.installed
+	MKL_CBWR=COMPATIBLE $(VENV)/bin/pytest tests/test_ops_compiled.py tests/test_ops_reference.py tests/test_ops_api.py
+
 clean:
-	rm -rf build mmshiftkv/*.so $(VENV)/.installed
+	rm -rf build mmshiftkv/*.so $(VENV)/.installed $(OLDEST)

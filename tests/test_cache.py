@@ -19,11 +19,15 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from mmshiftkv.cache import CompressedLayer, attention, compressed_attention, compressed_sdpa, decoder_of
+from mmshiftkv.cache import CompressedLayer, attention, compressed_attention, compressed_sdpa, find_cache
 from mmshiftkv.cache.attention import compressed_flash_varlen
+from mmshiftkv.cache.compat import crop_to
+from mmshiftkv.cache.compressed_layer import READING
+from mmshiftkv.models import find_decoder
 from mmshiftkv.presses.selection import select_kept_indices
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
@@ -62,7 +66,7 @@ AttentionMaskInterface.register(REFERENCE, sdpa_mask)
 
 @contextmanager
 def reference_implementation(model) -> Iterator[None]:
-    config = decoder_of(model).config
+    config = find_decoder(model).config
     original = config._attn_implementation
     config._attn_implementation = REFERENCE
     try:
@@ -207,8 +211,8 @@ def test_decode_matches_masked_full_cache(family: str, implementation: str) -> N
         assert layer.ideal_nbytes <= layer.nbytes <= 1.05 * layer.ideal_nbytes
 
     # Restore the compressed prompt and ask another multi-token question.
-    cache.crop(seq_len)
-    reference_cache.crop(seq_len)
+    crop_to(cache, seq_len)
+    crop_to(reference_cache, seq_len)
     question = [torch.randint(0, 97, (batch, 4), generator=generator), new_tokens[0]]
     with reference_implementation(model):
         expected = run(reference_cache, question, seq_len)
@@ -224,7 +228,7 @@ def test_generate_with_compression_during_prefill() -> None:
     budgets = {idx: layer_budgets(idx, 2, 2, 10) for idx in range(3)}
 
     def compress(module, args, kwargs, output) -> None:
-        cache, idx = kwargs["past_key_values"], module.layer_idx
+        cache, idx = find_cache(args, kwargs), module.layer_idx
         layer = cache.layers[idx]
         if isinstance(layer, CompressedLayer):
             return
@@ -295,7 +299,7 @@ def test_bytes_follow_per_head_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
     # versus padding every head to the layer's largest budget
     assert layer.nbytes < 0.8 * lengths.max().item() * lengths.numel() * 2 * 32 * 4
 
-    monkeypatch.setattr(CompressedLayer, "_readers", 1)
+    monkeypatch.setattr(READING, "model", object())
     for _ in range(7):
         new = torch.randn(4, 4, 1, 32)
         layer.update(new, new)
@@ -308,7 +312,7 @@ def test_uniform_lengths_hold_no_padding(budget: int, monkeypatch: pytest.Monkey
     layer, *_, lengths = random_layer(budgets=budget)
     assert len(layer.buckets) == 1 and layer.buckets[0].heads_per_row == 1
     assert layer.nbytes == ideal_bytes(lengths, 0, 16, 4)
-    monkeypatch.setattr(CompressedLayer, "_readers", 1)
+    monkeypatch.setattr(READING, "model", object())
     new = torch.randn(3, 4, 2, 16)
     layer.update(new, new)
     assert layer.nbytes == ideal_bytes(lengths, 2, 16, 4)
@@ -330,20 +334,33 @@ def test_logical_length_crop_and_mask_sizes(monkeypatch: pytest.MonkeyPatch) -> 
     assert CompressedLayer.from_selection(keys, values, indices, lengths, seq_len=80).get_seq_length() == 80
     assert layer.get_mask_sizes(torch.arange(64, 67)) == (67, 0)
 
-    monkeypatch.setattr(CompressedLayer, "_readers", 1)
+    monkeypatch.setattr(READING, "model", object())
     prompt_bytes = layer.nbytes
     for _ in range(3):
         new = torch.randn(3, 4, 2, 16)
         layer.update(new, new)
     assert layer.get_seq_length() == 70 and layer.generated_length == 6
-    layer.crop(-2)
+    layer.crop(-2)  # a negative count removes tokens on every transformers release
     assert layer.get_seq_length() == 68
-    layer.crop(100)
+    layer.crop(0)
     assert layer.get_seq_length() == 68
-    layer.crop(64)
+    layer.crop(-4)
     assert layer.get_seq_length() == 64 and layer.nbytes == prompt_bytes
     with pytest.raises(ValueError, match="compressed"):
-        layer.crop(63)
+        layer.crop(-1)
+    assert layer.get_seq_length() == 64
+    # A positive value follows the installed transformers' DynamicLayer: a length to keep, or refused.
+    reference = DynamicLayer()
+    reference.update(torch.zeros(1, 1, 70, 1), torch.zeros(1, 1, 70, 1))
+    layer.update(*(torch.randn(2, 3, 4, 6, 16)))
+    try:
+        reference.crop(66)
+    except ValueError:
+        with pytest.raises(ValueError, match="negative"):
+            layer.crop(66)
+    else:
+        layer.crop(66)
+        assert layer.get_seq_length() == reference.get_seq_length() == 66
 
 
 def test_update_outside_context_is_refused() -> None:
@@ -376,7 +393,7 @@ def test_bad_selection_is_rejected() -> None:
 def decode_setup(monkeypatch: pytest.MonkeyPatch, q_len: int = 3, group: int = 2, **options):
     layer, keys, values, indices, lengths = random_layer(**options)
     batch, kv_heads, seq_len, head_dim = keys.shape
-    monkeypatch.setattr(CompressedLayer, "_readers", 1)
+    monkeypatch.setattr(READING, "model", object())
     new_keys, new_values = torch.randn(2, batch, kv_heads, 2 + q_len, head_dim)
     layer.update(new_keys[:, :, :2], new_values[:, :, :2])
     layer.update(new_keys[:, :, 2:], new_values[:, :, 2:])
@@ -475,7 +492,7 @@ def test_select_samples(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("family", list(MODELS))
 def test_context_restores_implementation(family: str) -> None:
     model = MODELS[family]("sdpa")
-    decoder = decoder_of(model)
+    decoder = find_decoder(model)
     input_ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         before = model(input_ids=input_ids).logits
@@ -487,15 +504,26 @@ def test_context_restores_implementation(family: str) -> None:
             inside = model(input_ids=input_ids).logits  # prefill: the original attention
     assert torch.equal(before, inside)
     assert decoder.config._attn_implementation == "sdpa"
-    assert all(not layer.self_attn._forward_pre_hooks for layer in decoder.layers)
+    assert not our_hooks(decoder)
     if family == "qwen2_5_vl":
         assert model.config.vision_config._attn_implementation == "sdpa"
 
     with pytest.raises(KeyError), compressed_attention(model):
         raise KeyError("boom")
     assert decoder.config._attn_implementation == "sdpa"
-    assert all(not layer.self_attn._forward_pre_hooks for layer in decoder.layers)
-    assert CompressedLayer._readers == 0
+    assert not our_hooks(decoder)
+    assert READING.model is None
+
+
+def our_hooks(decoder) -> list:
+    """mmshiftkv's hooks left on the attention layers (transformers may keep its own there)."""
+    return [
+        hook
+        for layer in decoder.layers
+        for hooks in (layer.self_attn._forward_pre_hooks, layer.self_attn._forward_hooks)
+        for hook in hooks.values()
+        if getattr(hook, "__module__", "").startswith("mmshiftkv")
+    ]
 
 
 def test_unsupported_implementation_is_rejected() -> None:

@@ -10,6 +10,7 @@ from conftest import QUESTION, greedy, make_inputs, tiny
 from transformers import DynamicCache
 
 import mmshiftkv.presses.shiftkv as shiftkv_module
+from mmshiftkv.models.positions import rope_index
 from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference
 from mmshiftkv.presses import LastAttnPress, ShiftKVPress, select_kept_indices
@@ -66,7 +67,7 @@ def test_proxies_sit_at_the_next_decode_position_plus_offsets(family: str, monke
     prefill(model, inputs, press)
 
     if family.startswith("qwen"):
-        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"])
+        positions = rope_index(model, inputs)
         next_position = int(positions.max()) + 1
         assert next_position < inputs["input_ids"].shape[1]  # image positions are compressed
     else:

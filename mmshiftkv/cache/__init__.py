@@ -9,17 +9,22 @@ Typical use (a press does this for you)::
 """
 
 from mmshiftkv.cache.attention import compressed_flash_varlen, compressed_sdpa, tail_visibility
-from mmshiftkv.cache.compressed_layer import CompressedLayer, RowBucket, bucket_rows
-from mmshiftkv.cache.context import ATTENTION_PREFIX, compressed_attention, decoder_of
+from mmshiftkv.cache.compat import cache_argument, crop_to, returned_cache
+from mmshiftkv.cache.compressed_layer import CompressedLayer, RowBucket, bucket_rows, make_crop_atomic
+from mmshiftkv.cache.context import ATTENTION_PREFIX, compressed_attention, find_cache
 
 __all__ = [
     "ATTENTION_PREFIX",
     "CompressedLayer",
     "RowBucket",
     "bucket_rows",
+    "cache_argument",
+    "crop_to",
     "compressed_attention",
     "compressed_flash_varlen",
     "compressed_sdpa",
-    "decoder_of",
+    "find_cache",
+    "make_crop_atomic",
+    "returned_cache",
     "tail_visibility",
 ]

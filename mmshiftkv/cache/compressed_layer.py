@@ -23,11 +23,14 @@ interleaved token-major in packed rows (``token * heads_per_row + head``), so an
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from torch import nn
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 
 @dataclass
@@ -114,20 +117,47 @@ def _owner_dtype(heads_per_row: int) -> torch.dtype:
     return torch.int8 if heads_per_row <= torch.iinfo(torch.int8).max else torch.int16
 
 
+class _Reading(threading.local):
+    """The model whose attention layer is running in this thread (set by ``compressed_attention``)."""
+
+    model: nn.Module | None = None
+
+
+#: Per thread, which model's mmshiftkv attention is reading a cache right now.
+READING = _Reading()
+
+
+@functools.cache
+def crop_takes_absolute_length() -> bool:
+    """Whether this transformers' ``DynamicLayer.crop(n)`` takes a target length (True, before 5.16) or
+    the number of tokens to remove (False: positive values are rejected), measured on a 2-token layer."""
+    probe = DynamicLayer()
+    probe.update(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1))
+    try:
+        probe.crop(1)
+    except (ValueError, RuntimeError):
+        return False
+    return probe.get_seq_length() == 1
+
+
 class CompressedLayer(CacheLayerMixin):
     """Cache layer after prefill compression, with per-(batch, KV head) prompt lengths.
 
     Build it with :meth:`from_selection`. Its lengths are *logical*: :meth:`get_seq_length` is the
     original prompt length plus the generated tokens, so positions, masks and ``crop`` behave as
     for the uncompressed cache. Attention must read it through
-    :func:`mmshiftkv.cache.compressed_attention`; :meth:`update` refuses to run outside it.
+    :func:`mmshiftkv.cache.compressed_attention` of the model it was built for (``reader``):
+    :meth:`update` refuses any other caller, since the model's own attention would silently attend
+    to the new tokens only.
+
+    With uniform budgets (one dense bucket, no padding) :attr:`keys` / :attr:`values` are the
+    familiar ``(batch, kv_heads, kept + generated, head_dim)`` tensors; head-wise layers have no
+    such tensor and raise on access (read :attr:`buckets`).
     """
 
     is_sliding = False
     is_compileable = False
-    # Number of active `compressed_attention` contexts; without one, the model's own attention
-    # would silently attend to the new tokens only.
-    _readers: ClassVar[int] = 0
+    is_croppable = True
 
     def __init__(
         self,
@@ -137,9 +167,11 @@ class CompressedLayer(CacheLayerMixin):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        reader: nn.Module | None = None,
     ) -> None:
-        super().__init__()
         self.buckets = buckets
+        super().__init__()
+        self.reader = reader
         self._prompt_lengths = prompt_lengths
         self.original_length = original_length
         self.generated_length = 0
@@ -159,6 +191,7 @@ class CompressedLayer(CacheLayerMixin):
         *,
         padding_tolerance: float = 0.02,
         max_buckets: int = 4,
+        reader: nn.Module | None = None,
     ) -> CompressedLayer:
         """Keep, per (batch, KV head), the prompt tokens a press selected.
 
@@ -180,6 +213,9 @@ class CompressedLayer(CacheLayerMixin):
             ideal size.
         max_buckets : int
             Largest number of sample groups; the tolerance grows if more would be needed.
+        reader : nn.Module, optional
+            The model whose ``compressed_attention`` may read the layer (presses pass the model they
+            run on). None: any model inside ``compressed_attention``.
 
         Returns
         -------
@@ -263,7 +299,7 @@ class CompressedLayer(CacheLayerMixin):
                     covers_batch=group == list(range(batch)),
                 )
             )
-        return cls(buckets, lengths.clone(), seq_len, head_dim, keys.dtype, device)
+        return cls(buckets, lengths.clone(), seq_len, head_dim, keys.dtype, device, reader=reader)
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -279,6 +315,39 @@ class CompressedLayer(CacheLayerMixin):
     def prompt_lengths(self) -> torch.Tensor:
         """``(batch, kv_heads)`` int64: prompt tokens kept by each KV head (generated excluded)."""
         return self._prompt_lengths
+
+    @property
+    def dense(self) -> bool:
+        """One bucket of dense rows covering the batch without padding (uniform budgets)."""
+        return len(self.buckets) == 1 and self.buckets[0].heads_per_row == 1 and self.buckets[0].owner is None
+
+    def _dense_bucket(self, what: str) -> RowBucket:
+        if not self.dense:
+            raise AttributeError(
+                f"this CompressedLayer holds a different number of tokens per KV head (head-wise budgets or "
+                f"samples of different lengths): it has no single {what} tensor; read layer.buckets"
+            )
+        return self.buckets[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``(batch, kv_heads, kept + generated, head_dim)`` for uniform layers (see the class docstring)."""
+        return self._dense_bucket("keys").keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self._dense_bucket("keys").keys = value
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``(batch, kv_heads, kept + generated, head_dim)`` for uniform layers (see the class docstring)."""
+        return self._dense_bucket("values").values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self._dense_bucket("values").values = value
 
     @property
     def nbytes(self) -> int:
@@ -304,9 +373,17 @@ class CompressedLayer(CacheLayerMixin):
         """Logical length: the original prompt length plus the generated tokens."""
         return self.original_length + self.generated_length
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        """Mask sizes in logical units, as for an uncompressed :class:`DynamicLayer`."""
-        return self.get_seq_length() + cache_position.shape[0], 0
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        """Mask sizes in logical units, as for an uncompressed :class:`DynamicLayer`.
+
+        ``query`` is the query length (transformers >= 5.13) or the query's ``cache_position``.
+        """
+        query_length = query if isinstance(query, int) else query.shape[0]
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        """No maximum: the layer grows with generated tokens."""
+        return -1
 
     def get_max_cache_shape(self) -> int:
         return -1
@@ -319,7 +396,8 @@ class CompressedLayer(CacheLayerMixin):
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
-        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new tokens to every (batch, KV head).
 
@@ -327,16 +405,20 @@ class CompressedLayer(CacheLayerMixin):
         ----------
         key_states, value_states : torch.Tensor
             ``(batch, kv_heads, q_len, head_dim)``.
+        *args, **kwargs
+            Whatever else this transformers release passes to a layer's ``update`` (unused).
 
         Returns
         -------
         tuple of torch.Tensor
             The inputs, unchanged: the compressed attention reads the layer itself.
         """
-        if CompressedLayer._readers == 0:
+        reading = READING.model
+        if reading is None or (self.reader is not None and reading is not self.reader):
             raise RuntimeError(
-                "a CompressedLayer can only be read by mmshiftkv's attention: run the model inside "
-                "`with mmshiftkv.cache.compressed_attention(model):` (presses do this for you)"
+                "a CompressedLayer can only be read by mmshiftkv's attention of the model it was compressed "
+                "for: run that model inside `with press(model):` or "
+                "`with mmshiftkv.cache.compressed_attention(model):`"
             )
         batch, kv_heads, q_len, head_dim = key_states.shape
         if (batch, kv_heads, head_dim) != (self.batch_size, self.num_heads, self.head_dim):
@@ -364,24 +446,23 @@ class CompressedLayer(CacheLayerMixin):
         states = states.reshape(n, rows, bucket.heads_per_row, q_len, head_dim).transpose(2, 3)
         return states.reshape(n, rows, q_len * bucket.heads_per_row, head_dim)
 
-    def crop(self, max_length: int) -> None:
-        """Drop generated tokens beyond logical length ``max_length`` (negative: remove that many).
+    def crop(self, length: int) -> None:
+        """Drop generated tokens, with the installed transformers' ``crop`` convention.
+
+        A negative ``length`` removes that many tokens (every release); a positive one is the length to
+        keep where transformers' own layers take a length (before 5.16) and is refused where they take
+        the number of tokens to remove. 0 removes nothing there.
 
         Raises
         ------
         ValueError
-            If ``max_length`` falls inside the compressed prompt, whose evicted tokens are gone.
+            If the crop would reach into the compressed prompt, whose evicted tokens are gone.
         """
-        if max_length < 0:
-            max_length = self.get_seq_length() + max_length
-        if max_length >= self.get_seq_length():
+        self.check_crop(length)
+        target = self._crop_target(length)
+        if target >= self.get_seq_length():
             return
-        if max_length < self.original_length:
-            raise ValueError(
-                f"cannot crop a compressed cache to {max_length} tokens: its prompt part "
-                f"({self.original_length} logical tokens) was compressed and cannot be cut"
-            )
-        kept = max_length - self.original_length
+        kept = target - self.original_length
         for bucket in self.buckets:
             end = bucket.prompt_len + bucket.heads_per_row * kept
             # clone: a slice would keep the dropped tokens' storage alive.
@@ -390,6 +471,27 @@ class CompressedLayer(CacheLayerMixin):
             if bucket.owner is not None:
                 bucket.owner = bucket.owner[:, :, :end].clone()
         self.generated_length = kept
+
+    def _crop_target(self, length: int) -> int:
+        if length < 0:
+            return self.get_seq_length() + length
+        if crop_takes_absolute_length():
+            return length
+        if length > 0:
+            raise ValueError(
+                f"crop({length}): this transformers' caches take the number of tokens to remove as a "
+                "negative int"
+            )
+        return self.get_seq_length()
+
+    def check_crop(self, length: int) -> None:
+        """Raise ``ValueError`` if :meth:`crop` with ``length`` would cut into the compressed prompt."""
+        target = self._crop_target(length)
+        if target < self.original_length:
+            raise ValueError(
+                f"cannot crop a compressed cache to {target} tokens: its prompt part "
+                f"({self.original_length} logical tokens) was compressed and cannot be cut"
+            )
 
     # ------------------------------------------------------- batch selection
     def select_samples(self, new_to_old: torch.Tensor) -> None:
@@ -449,3 +551,24 @@ class CompressedLayer(CacheLayerMixin):
             f"original_length={self.original_length}, generated={self.generated_length}, "
             f"buckets={len(self.buckets)})"
         )
+
+
+def make_crop_atomic(cache: Any) -> None:
+    """Make ``cache.crop`` check every :class:`CompressedLayer` before cropping any layer.
+
+    ``Cache.crop`` crops layer by layer; on a cache with uncompressed layers before a compressed one, a
+    crop into the compressed prompt would raise after having cut the uncompressed layers. The check
+    runs first, on the instance only (the class and other caches are untouched).
+    """
+    if getattr(cache.crop, "_mmshiftkv_atomic", False):
+        return
+    crop = cache.crop
+
+    def atomic_crop(length: int, *args: Any, **kwargs: Any) -> None:
+        for layer in cache.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.check_crop(length)
+        crop(length, *args, **kwargs)
+
+    atomic_crop._mmshiftkv_atomic = True  # type: ignore[attr-defined]
+    cache.crop = atomic_crop

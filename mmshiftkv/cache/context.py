@@ -12,6 +12,11 @@ masks are unchanged; its attention function looks up the cache layer of the call
 * hands every other layer, and the prefill that runs before compression, to the original
   implementation unchanged.
 
+The cache is found by type among the attention layer's arguments (transformers 5.24 renamed the
+keyword ``past_key_values`` to ``cache``), and while one of the model's attention layers runs, the
+thread records which model is reading, so that a :class:`CompressedLayer` refuses to be updated by
+any other model or outside the context.
+
 Nothing is patched at import; on exit (also after an exception) the configs, hooks and the
 registry state of the model are restored. Vision towers keep their own configs untouched.
 """
@@ -33,7 +38,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from mmshiftkv.cache.attention import VarlenFunction, compressed_flash_varlen, compressed_sdpa
-from mmshiftkv.cache.compressed_layer import CompressedLayer
+from mmshiftkv.cache.compressed_layer import READING, CompressedLayer
 
 ATTENTION_PREFIX = "mmshiftkv_"
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -49,16 +54,12 @@ class _ModuleState:
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModuleState] = weakref.WeakKeyDictionary()
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The text decoder: ``model.model.language_model`` for VLMs, else ``model.model``.
-
-    Covers Llama/Qwen2/Mistral ``ForCausalLM``, LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL.
-    """
-    inner = getattr(model, "model", model)
-    decoder = getattr(inner, "language_model", inner)
-    if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-        raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
-    return decoder
+def find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Cache | None:
+    """The :class:`Cache` among a forward's arguments, whatever its keyword."""
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
 
 
 def compressed_attention_forward(
@@ -84,6 +85,14 @@ def compressed_attention_forward(
         return state.delegate(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and layer.get_seq_length() > window:
+        raise NotImplementedError(
+            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and the sequence "
+            f"has grown to {layer.get_seq_length()}: decoding past the window over a compressed cache would "
+            "not match the model's attention. Keep prompt + generated tokens within the window (or set the "
+            "config's sliding_window to None if the model was trained without one)"
+        )
     plain_causal = attention_mask is None or (
         attention_mask.ndim == 2 and bool(attention_mask[:, -layer.generated_length :].all())
     )
@@ -92,8 +101,16 @@ def compressed_attention_forward(
     return compressed_sdpa(layer, query, attention_mask, scaling, dropout), None
 
 
-def _remember_cache(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    _STATES[module].cache = kwargs.get("past_key_values")
+def _enter_attention(model: nn.Module) -> Callable[..., None]:
+    def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        _STATES[module].cache = find_cache(args, kwargs)
+        READING.model = model
+
+    return remember
+
+
+def _leave_attention(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    READING.model = None
 
 
 def _register(original: str) -> str:
@@ -134,7 +151,7 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
     Parameters
     ----------
     model : torch.nn.Module
-        A supported transformers model (see :func:`decoder_of`).
+        A model :func:`mmshiftkv.models.get_adapter` accepts.
 
     Yields
     ------
@@ -147,8 +164,10 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
         If the decoder uses an attention implementation other than eager, sdpa or flash
         attention 2/3 (e.g. flex or paged attention).
     """
-    decoder = decoder_of(model)
-    modules = [layer.self_attn for layer in decoder.layers]
+    from mmshiftkv.models.adapter import get_adapter
+
+    adapter = get_adapter(model)
+    decoder, modules = adapter.decoder, adapter.attention_modules
     configs = list({id(config): config for config in [decoder.config, *(m.config for m in modules)]}.values())
     # transformers falls back to the module's eager function when no implementation is set.
     original = decoder.config._attn_implementation or "eager"
@@ -164,11 +183,12 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
     flash_varlen = _flash_varlen(original)
     saved = [(config, config._attn_implementation) for config in configs]
     handles = []
-    CompressedLayer._readers += 1
+    remember = _enter_attention(model)
     try:
         for module in modules:
             _STATES[module] = _ModuleState(_delegate(module, original), flash_varlen)
-            handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
+            handles.append(module.register_forward_hook(_leave_attention, with_kwargs=True, always_call=True))
         for config, _ in saved:
             config._attn_implementation = name
         yield model
@@ -179,4 +199,3 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
             handle.remove()
         for module in modules:
             _STATES.pop(module, None)
-        CompressedLayer._readers -= 1

@@ -50,6 +50,7 @@ from mmshiftkv.grounding.data import (
 )
 from mmshiftkv.grounding.evaluate import evaluate
 from mmshiftkv.grounding.model import ANSWER_PREFIX, CHECKPOINT_DIR, build_model, build_processor, prompt_text
+from mmshiftkv.models.positions import rope_index
 
 IGNORE = -100
 
@@ -120,6 +121,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.seed == EVAL_SEED:
             raise ValueError(f"seed {EVAL_SEED} is the evaluation stream's seed: train with another one")
+
 
 
 def training_batch(processor: Qwen2_5_VLProcessor, samples: Sequence[GroundingSample]) -> dict:
@@ -318,9 +320,7 @@ def _train(config: TrainConfig) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwe
             batch, samples, grid, model.config.image_token_id, config.thinned_share, generator
         )
         # With a 4-D mask the model cannot derive the M-RoPE positions itself: give them.
-        positions, _ = model.model.get_rope_index(
-            batch["input_ids"], batch["image_grid_thw"], None, attention_mask=batch["attention_mask"]
-        )
+        positions = rope_index(model, batch)
         output = model(**dict(batch, attention_mask=attention), position_ids=positions)
         probe_loss = probe(image_tokens[0], cell_targets(samples, grid))
         (output.loss + config.probe_weight * probe_loss).backward()

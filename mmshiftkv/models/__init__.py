@@ -1,5 +1,5 @@
-"""Model-family adapters and the tiny offline models used by tests and the demo."""
+"""Structural model adapters and the tiny offline models used by tests and the demo."""
 
-from mmshiftkv.models.adapter import SUPPORTED_FAMILIES, ModelAdapter, UnsupportedModelError, get_adapter
+from mmshiftkv.models.adapter import ModelAdapter, UnsupportedModelError, find_decoder, get_adapter
 
-__all__ = ["SUPPORTED_FAMILIES", "ModelAdapter", "UnsupportedModelError", "get_adapter"]
+__all__ = ["ModelAdapter", "UnsupportedModelError", "find_decoder", "get_adapter"]

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, DynamicCache, Pipeline, ProcessorMixin
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from mmshiftkv.cache import cache_argument, crop_to
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.full_kv import FullKVPress
@@ -66,9 +67,9 @@ def build_requests(images: Any, question: str | None, questions: list[str] | Non
     """Normalise the pipeline's inputs and reject bad ones with clear errors."""
     if question is not None and questions is not None:
         raise ValueError("pass either question=... or questions=[...], not both")
-    asked = [question] if question is not None else list(questions or [])
     if isinstance(questions, str):
         raise TypeError(f"questions must be a list of strings, got the string {questions!r} (one: question=)")
+    asked = [question] if question is not None else list(questions or [])
     if not asked:
         raise ValueError("no question given: pass question='...' or questions=[...]")
     for text in asked:
@@ -207,7 +208,10 @@ class KVPressVQAPipeline(Pipeline):
             inputs = self.encode(requests, texts)
             with press(self.model), torch.no_grad():
                 output = self.model.generate(
-                    **inputs, past_key_values=DynamicCache(), max_new_tokens=max_new_tokens, do_sample=False
+                    **inputs,
+                    **cache_argument(self.model, DynamicCache()),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
                 )
             answers = self.processor.batch_decode(
                 output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
@@ -223,7 +227,7 @@ class KVPressVQAPipeline(Pipeline):
         cache = DynamicCache()
         answers = []
         with press(self.model), torch.no_grad():
-            self.model(**context, past_key_values=cache, use_cache=True)
+            self.model(**context, **cache_argument(self.model, cache), use_cache=True)
             facts = self._facts(press, context, 0, [])
             context_len = context["input_ids"].shape[1]
             for question in request.questions:
@@ -234,14 +238,14 @@ class KVPressVQAPipeline(Pipeline):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    past_key_values=cache,
+                    **cache_argument(self.model, cache),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                 )
                 answers.append(
                     tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
                 )
-                cache.crop(context_len)
+                crop_to(cache, context_len)
         facts.answers = answers
         return facts
 

@@ -4,6 +4,8 @@ from mmshiftkv.presses.base import (
     BudgetedPress,
     CompressionSkippedWarning,
     CompressionStats,
+    PressUsageError,
+    ScoringState,
     UnsupportedCacheError,
 )
 from mmshiftkv.presses.budget_press import BudgetPress
@@ -37,6 +39,8 @@ __all__ = [
     "FullKVPress",
     "KeyDiffPress",
     "LastAttnPress",
+    "PressUsageError",
+    "ScoringState",
     "ShiftKVPress",
     "SnapKVPress",
     "StreamingLLMPress",

@@ -52,7 +52,7 @@ def prompt_query_attention(
     """
     batch, kv_heads, seq_len, _ = keys.shape
     queries = adapter.query_states(module, hidden_states[:, -n_queries:])
-    queries = adapter.apply_rope(queries, positions[..., -n_queries:])
+    queries = adapter.apply_rope(queries, positions[..., -n_queries:], module)
     q_heads = queries.shape[1]
     expanded = keys.repeat_interleave(q_heads // kv_heads, dim=1)
     logits = torch.matmul(queries.float(), expanded.float().transpose(-1, -2)) * module.scaling

@@ -227,7 +227,7 @@ class ShiftKVPress(BudgetedPress):
             return mean_over_query_groups(last_probs[:, :, 0], keys.shape[1])
 
         last_query = adapter.apply_rope(
-            adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:]
+            adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:], module
         )[:, :, 0]
         proxies = adapter.query_states(
             module, self.proxy_hidden_states(hidden_states, module.layer_idx, state.key_mask)
@@ -235,7 +235,7 @@ class ShiftKVPress(BudgetedPress):
         offsets = self.position_start + self.position_stride * (
             torch.arange(self.n_proxies, device=keys.device) % self.group_size
         )
-        proxies = adapter.apply_rope(proxies, adapter.future_positions(state.positions, offsets))
+        proxies = adapter.apply_rope(proxies, adapter.future_positions(state.positions, offsets), module)
         options = dict(
             n_groups=self.n_groups,
             scaling=module.scaling,
