@@ -1,4 +1,4 @@
-"""The README's main job: every press at shrinking budgets, answering questions about one image.
+"""Every press at shrinking budgets answering questions about one image, with the answers checked.
 
 Offline by default on the embedded grounding model (a small Qwen2.5-VL trained on synthetic
 images of symbols in coloured boxes, shipped in ``mmshiftkv/grounding/checkpoint``): it is asked
@@ -6,6 +6,11 @@ four questions about one generated image (read a cell, read a colour, count a co
 items), the expected answers are known, and the table shows which answers survive as the prompt
 cache shrinks. With ``--model <hub id or path>`` the same runs on a real checkpoint, e.g.
 ``--model Qwen/Qwen2.5-VL-7B-Instruct --image doc.png --question "What is the title?"``.
+
+Each row is one press at one budget over the batch of questions: ``kept/head`` is the mean number
+of prompt tokens a KV head keeps, ``img/head`` how many of them are image tokens, and ``KV/question``
+the prompt cache of one question before and after compression (mean over the questions, padding
+excluded; ``--json`` also gives the batch totals the press measured, padding included).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from mmshiftkv.evaluation.runner import encode_messages, generate_answers
+from mmshiftkv.evaluation.runner import EvalSetupError, encode_messages, generate_answers, load_model
 from mmshiftkv.grounding import ANSWER_PREFIX, EVAL_SEED, KINDS, load_grounding_model, make_sample
-from mmshiftkv.presses import PRESSES, BudgetedPress, FullKVPress
+from mmshiftkv.presses import PRESSES, BudgetedPress, FullKVPress, SnapKVPress, StreamingLLMPress
 
 DEFAULT_QUESTION = "What is written in the picture?"
 
@@ -63,24 +68,47 @@ def load(model_id: str | None, device: str):
     """The model and processor: the embedded grounding model, or a real checkpoint."""
     if model_id is None:
         return load_grounding_model()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, device_map=device)
-    return model.eval(), AutoProcessor.from_pretrained(model_id)
+    return load_model(model_id, "bfloat16" if device != "cpu" else "float32", device=device)
 
 
-def image_token_count(model, inputs: dict) -> int:
-    image_token = getattr(model.config, "image_token_id", None) or getattr(
-        model.config, "image_token_index", None
-    )
-    return int((inputs["input_ids"] == image_token).sum()) if image_token is not None else 0
+def image_token_mask(model, inputs: dict) -> torch.Tensor:
+    """``(batch, seq_len)`` bool, True at the image tokens of the prompt."""
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(model.config, "image_token_index", None)
+    if image_token is None:
+        return torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    return inputs["input_ids"] == image_token
+
+
+def kept_image_tokens(press: BudgetedPress, image_mask: torch.Tensor) -> torch.Tensor:
+    """Image tokens each (layer, sample, KV head) kept under ``press``, ``(layers, batch, kv_heads)``."""
+    stats = press.stats
+    counts = torch.empty_like(stats.kept)
+    image_mask = image_mask.cpu()
+    for layer, indices in enumerate(stats.indices):
+        if indices is None:  # layer left uncompressed: every image token stayed
+            counts[layer] = image_mask.sum(-1, keepdim=True).expand_as(counts[layer])
+            continue
+        batch, heads, width = indices.shape
+        valid = torch.arange(width) < stats.kept[layer][..., None]
+        hits = image_mask.gather(1, indices.reshape(batch, -1)).reshape(batch, heads, width)
+        counts[layer] = (hits & valid).sum(-1)
+    return counts
 
 
 def run_one(model, processor, inputs: dict, press: BudgetedPress, max_new_tokens: int) -> dict:
-    """Prefill + greedy decode of a batch under ``press``; the compression facts and the answers."""
+    """Prefill + greedy decode of a batch under ``press``; the compression facts and the answers.
+
+    ``kv_bytes_*_per_sample`` count the real tokens of each sample (no padding); ``kv_bytes_*_batch``
+    are the press's own totals over the batch, the left padding of the shorter prompts included.
+    """
     answers = [row["generated"] for row in generate_answers(model, processor, inputs, press, max_new_tokens)]
     stats = press.stats
+    layers, batch, heads = stats.kept.shape
+    # bytes per (token, layer, KV head): keys + values, from the uncompressed batch's measured size
+    token_bytes = stats.bytes_before // (batch * inputs["input_ids"].shape[1] * layers * heads)
+    prompt = torch.tensor(stats.prompt_tokens)
     kept = stats.kept.float()
     return {
         "press": type(press).__name__,
@@ -90,62 +118,130 @@ def run_one(model, processor, inputs: dict, press: BudgetedPress, max_new_tokens
             "mean": round(float(kept.mean()), 1),
             "max": int(kept.max()),
         },
-        "kv_bytes_before": stats.bytes_before,
-        "kv_bytes_after": stats.bytes_after,
+        "image_tokens_per_head": round(
+            float(kept_image_tokens(press, image_token_mask(model, inputs)).float().mean()), 1
+        ),
+        "kv_bytes_before_per_sample": (prompt * layers * heads * token_bytes).tolist(),
+        "kv_bytes_after_per_sample": (stats.kept.sum((0, 2)) * token_bytes).tolist(),
+        "kv_bytes_before_batch": stats.bytes_before,
+        "kv_bytes_after_batch": stats.bytes_after,
         "answers": answers,
     }
 
 
+def strip_lead_in(answer: str, prefix: str) -> str:
+    """``answer`` without the model's lead-in ``prefix`` and without leftovers of it.
+
+    Under a tight budget the model may garble or repeat the lead-in (``"Answer: r: 6"``,
+    ``"AnsweA"``): after the full ``prefix``, a leading piece of at least two characters of
+    ``prefix`` is removed as well (the embedded model's answers are upper-case symbols and digits,
+    which no such piece starts).
+    """
+    if not prefix:
+        return answer
+    answer = answer.removeprefix(prefix)
+    for length in range(min(len(answer), len(prefix)), 1, -1):
+        if answer[:length] in prefix:
+            return answer[length:]
+    return answer
+
+
 def mark(answer: str, expected: str | None, prefix: str) -> str:
     """The answer without the model's lead-in, with a check mark when ``expected`` is known."""
-    shown = answer.removeprefix(prefix) if prefix else answer
+    shown = strip_lead_in(answer, prefix)
     if expected is None:
         return repr(shown)
-    return f"{shown!r}{' ok' if answer == prefix + expected else ' WRONG'}"
+    return f"{shown!r}{' ok' if shown == expected else ' WRONG'}"
+
+
+def why_it_fails(press: BudgetedPress, lengths: list[int]) -> str | None:
+    """One line on why a press loses the image at small budgets, for the presses that do by design."""
+    span = f"{min(lengths)}-{max(lengths)}"
+    if isinstance(press, SnapKVPress):
+        return (
+            f"SnapKV always keeps its observation window, the last {press.window_size} prompt tokens (here "
+            f"the question and chat template); in {span}-token prompts a budget <= {press.window_size} "
+            "is all window, so no image token is kept (img/head 0)"
+        )
+    if isinstance(press, StreamingLLMPress):
+        return (
+            f"StreamingLLM keeps {press.n_sink} sink tokens and the most recent ones: the image sits "
+            "between them, in the middle of the prompt, and is dropped first"
+        )
+    return None
+
+
+def _budgets(value: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if any(b < 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"budgets are tokens per KV head, each >= 1, got {value!r}")
+    return budgets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmshiftkv demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mmshiftkv demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", help="HF hub id or local path (default: the embedded grounding model)")
     parser.add_argument("--image", help="image file (with --model; default: a generated picture)")
     parser.add_argument("--question", help=f"question (with --model; default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--sample", type=int, default=0, help="which generated layout (embedded model)")
-    parser.add_argument("--presses", default=",".join(name for name in PRESSES if name != "full"))
-    parser.add_argument("--budgets", default="32,16,8,4", help="tokens per KV head, comma separated")
+    parser.add_argument(
+        "--presses",
+        default=",".join(name for name in PRESSES if name != "full"),
+        help="comma list of presses to compare with FullKV (default: all): "
+        + ", ".join(name for name in PRESSES if name != "full"),
+    )
+    parser.add_argument(
+        "--budgets", type=_budgets, default="32,16,8,4", help="tokens per KV head, comma separated"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args(argv)
 
-    unknown = [name for name in args.presses.split(",") if name not in PRESSES]
+    names = args.presses.split(",")
+    unknown = [name for name in names if name not in PRESSES]
     if unknown:
         parser.error(f"unknown press(es) {unknown}; choose from {', '.join(PRESSES)}")
     if args.model is None and (args.image or args.question):
         parser.error("--image and --question need --model: the embedded model only knows its synthetic task")
-    budgets = [int(b) for b in args.budgets.split(",")]
     if args.model is None:
         questions, prefix = grounding_questions(args.sample), ANSWER_PREFIX
     else:
         image = Image.open(args.image).convert("RGB") if args.image else demo_image()
         questions, prefix = [Question(image, args.question or DEFAULT_QUESTION)], ""
 
-    model, processor = load(args.model, args.device)
+    try:
+        model, processor = load(args.model, args.device)
+    except EvalSetupError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     conversations = [
         [{"role": "user", "content": [{"type": "image", "image": q.image}, {"type": "text", "text": q.text}]}]
         for q in questions
     ]
     inputs = encode_messages(processor, conversations, model.device)
-    n_image = image_token_count(model, inputs) // len(questions)
+    n_image = int(image_token_mask(model, inputs).sum()) // len(questions)
     lengths = inputs["attention_mask"].sum(-1).tolist()
     print(f"{len(questions)} question(s) about one image ({n_image} image tokens), prompt tokens {lengths}:")
     for number, question in enumerate(questions, 1):
         expected = "" if question.expected is None else f"  (expected {question.expected!r})"
         print(f"  Q{number}: {question.text}{expected}")
+    if not args.json:
+        print(
+            "kept/head, img/head: prompt tokens / image tokens a KV head keeps (mean); KV/question: prompt "
+            "cache of one question (mean, padding excluded); answers without the model's lead-in"
+        )
 
-    rows = [run_one(model, processor, inputs, FullKVPress(), args.max_new_tokens)]
-    for name in args.presses.split(","):
-        for budget in budgets:
-            rows.append(run_one(model, processor, inputs, PRESSES[name](budget=budget), args.max_new_tokens))
+    presses = [FullKVPress()] + [PRESSES[name](budget=budget) for name in names for budget in args.budgets]
+    rows = [run_one(model, processor, inputs, press, args.max_new_tokens) for press in presses]
     for row in rows:
         if args.json:
             print(json.dumps(row))
@@ -154,10 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Q{n}={mark(answer, q.expected, prefix)}"
             for n, (answer, q) in enumerate(zip(row["answers"], questions), 1)
         )
+        before = sum(row["kv_bytes_before_per_sample"]) / len(questions) / 1024
+        after = sum(row["kv_bytes_after_per_sample"]) / len(questions) / 1024
         print(
             f"{row['press']:<24} budget={str(row['budget']):>4}  kept/head={row['kept_per_head']['mean']:>5}"
-            f"  KV {row['kv_bytes_before'] / 1024:7.1f} -> {row['kv_bytes_after'] / 1024:7.1f} KiB  {answers}"
+            f"  img/head={row['image_tokens_per_head']:>5}  KV/question {before:6.1f} -> {after:6.1f} KiB"
+            f"  {answers}"
         )
+    if not args.json:
+        notes = {type(press).__name__: why_it_fails(press, lengths) for press in presses}
+        for note in filter(None, notes.values()):
+            print(f"why: {note}")
     return 0
 
 

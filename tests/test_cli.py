@@ -336,3 +336,100 @@ def test_eval_rejects_bad_options(bad: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         mmshiftkv_main(["eval", "--model", "m", *bad])
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# mmshiftkv demo
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budgets", ["0", "16,-4", "16,x"])
+def test_demo_rejects_bad_budgets_in_one_line(budgets: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        mmshiftkv_main(["demo", "--budgets", budgets])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --budgets" in err and "Traceback" not in err
+
+
+def test_demo_help_says_what_it_does_and_documents_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        mmshiftkv_main(["demo", "-h"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.startswith("Every press at shrinking budgets answering questions about one image")
+    assert "README" not in description
+    presses_help = text.split("--presses PRESSES")[-1].split("--budgets")[0]
+    assert "shiftkv" in presses_help and "streaming_llm" in presses_help
+    assert "padding excluded" in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        ("Answer: K", "K"),
+        ("Answer: AK4FT7", "AK4FT7"),
+        ("Answer: r: 6", "6"),  # the lead-in repeated in part
+        ("AnsweA", "A"),  # the lead-in cut short
+        ("r: 0", "0"),
+        ("Answer", ""),
+        ("Answer: ", ""),
+        ("K", "K"),  # no lead-in at all
+        ("2", "2"),
+    ],
+)
+def test_demo_answers_are_shown_without_the_lead_in(answer: str, shown: str) -> None:
+    assert mmshiftkv.demo.strip_lead_in(answer, "Answer: ") == shown
+    assert mmshiftkv.demo.strip_lead_in(answer, "") == answer  # --model runs have no lead-in
+    verdict = "ok" if shown == "K" else "WRONG"
+    assert mmshiftkv.demo.mark(answer, "K", "Answer: ") == f"{shown!r} {verdict}"
+
+
+def test_demo_per_question_bytes_and_image_tokens_by_hand() -> None:
+    from mmshiftkv.grounding import load_grounding_model
+
+    demo = mmshiftkv.demo
+    model, processor = load_grounding_model()
+    questions = demo.grounding_questions(0)[:2]
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": q.image}, {"type": "text", "text": q.text}]}]
+        for q in questions
+    ]
+    inputs = runner.encode_messages(processor, conversations, model.device)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = ids == model.config.image_token_id
+    config = model.config.text_config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * 4  # fp32 K + V
+    n_real = real.sum(-1).tolist()
+
+    full = demo.run_one(model, processor, inputs, FullKVPress(), max_new_tokens=2)
+    assert full["kv_bytes_before_per_sample"] == [n * per_token for n in n_real]
+    assert full["kv_bytes_after_per_sample"] == full["kv_bytes_before_per_sample"]
+    assert full["kv_bytes_before_batch"] == len(questions) * ids.shape[1] * per_token  # padding included
+    assert full["image_tokens_per_head"] == pytest.approx(image.sum().item() / len(questions), abs=0.05)
+
+    budget = 8
+    for press, kept_positions in (
+        # StreamingLLM: the first 4 real tokens and the last budget - 4
+        (StreamingLLMPress(budget=budget), lambda b: [*real[b].nonzero()[:4, 0].tolist(), *range(-4, 0)]),
+        # SnapKV: the most recent tokens of its 32-token window
+        (SnapKVPress(budget=budget), lambda b: list(range(-budget, 0))),
+    ):
+        row = demo.run_one(model, processor, inputs, press, max_new_tokens=2)
+        assert row["kv_bytes_after_per_sample"] == [budget * per_token] * len(questions)
+        expected = [int(image[b, kept_positions(b)].sum()) for b in range(len(questions))]
+        assert row["image_tokens_per_head"] == pytest.approx(sum(expected) / len(expected), abs=0.05)
+
+
+def test_demo_table_explains_the_presses_that_lose_the_image(capsys) -> None:
+    assert mmshiftkv_main(["demo", "--presses", "snapkv,streaming_llm", "--budgets", "32,8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("FullKVPress", "SnapKVPress", "StreamingLLMPress"))]
+    assert len(rows) == 5 and all("KV/question" in row and "img/head=" in row for row in rows)
+    assert all("img/head=  0.0" in row for row in rows[1:])  # neither keeps an image token
+    assert "img/head=  0.0" not in rows[0]
+    why = [line for line in lines if line.startswith("why: ")]
+    assert len(why) == 2
+    assert why[0].startswith("why: SnapKV always keeps its observation window, the last 32 prompt tokens")
+    assert why[1].startswith("why: StreamingLLM keeps 4 sink tokens and the most recent ones")
