@@ -24,7 +24,18 @@ from mmshiftkv.evaluation import metrics
 
 @pytest.mark.parametrize(
     ("a", "b", "distance"),
-    [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3), ("same", "same", 0)],
+    [
+        ("kitten", "sitting", 3),  # k->s, e->i, +g
+        ("flaw", "lawn", 2),  # -f, +n
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("same", "same", 0),
+        ("ab", "ba", 2),  # a transposition costs two edits (no Damerau)
+        ("invoice", "Invoice", 1),  # case counts (ANLS lower-cases before)
+        ("€100", "100", 1),  # characters, not bytes
+        ("a" * 300 + "b", "a" * 300 + "c", 1),  # long strings (beyond one 64-bit block)
+        ("x" * 150, "y" * 100, 150),  # 100 substitutions + 50 deletions
+    ],
 )
 def test_levenshtein_distance(a: str, b: str, distance: int) -> None:
     assert metrics.levenshtein_distance(a, b) == distance
