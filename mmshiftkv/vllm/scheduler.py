@@ -63,6 +63,9 @@ class BlockLedger:
         Most blocks in use at once (the null block excluded), a step's prefill allocations included.
     peak_running : int
         Most requests running at once.
+    usage : list[tuple[int, int]]
+        After every step: blocks in use in the pool, and blocks the running requests hold (equal
+        when no emptied block is left behind).
     """
 
     scheduler: object
@@ -71,6 +74,7 @@ class BlockLedger:
     history: dict[str, list[BlockRecord]] = field(default_factory=dict)
     peak_blocks: int = 0
     peak_running: int = 0
+    usage: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         manager = self.scheduler.kv_cache_manager
@@ -144,15 +148,18 @@ class BlockLedger:
 
     def record(self) -> None:
         """After vLLM processed the step's output: what every running request holds."""
+        held = 0
         for request in self.scheduler.running:
-            blocks = self._blocks.req_to_blocks.get(request.request_id, ())
+            blocks = len(self._blocks.req_to_blocks.get(request.request_id, ()))
+            held += blocks
             self.history.setdefault(request.request_id, []).append(
-                BlockRecord(request.num_prompt_tokens, request.num_computed_tokens, len(blocks))
+                BlockRecord(request.num_prompt_tokens, request.num_computed_tokens, blocks)
             )
-        self._note_usage()
+        self.usage.append((self._note_usage(), held))
 
-    def _note_usage(self) -> None:
+    def _note_usage(self) -> int:
         # The pool's null block is never free and never holds KV.
         in_use = self._pool.num_gpu_blocks - self._pool.get_num_free_blocks() - 1
         self.peak_blocks = max(self.peak_blocks, in_use)
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
+        return in_use

@@ -1,0 +1,104 @@
+"""vLLM + press on a tiny Qwen2 equals transformers + the same press; the emptied blocks go back to the pool."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, scheduler_of, selections_of  # noqa: E402
+
+from mmshiftkv.presses import PRESSES  # noqa: E402
+
+#: Prompts of different lengths submitted together: two longer than one block, one within the budget.
+PROMPT_LENGTHS = (40, 70, 100, 12)
+#: Long enough for the compacted requests to cross a block boundary while decoding (16 + 40 > 32).
+MAX_TOKENS = 40
+#: 40 + 70 fit the first step, 100 + 12 wait for the second, which also decodes the first two: the
+#: second step compacts prompts while requests compacted in the first step decode beside them.
+BATCH_TOKENS = 160
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(5, 250, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def transformers_generate(model, prompt: list[int], press_name: str | None):
+    """The library's own path: greedy tokens and, under a press, its kept indices per layer."""
+    ids = torch.tensor([prompt])
+    if press_name is None:
+        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        return out[0, len(prompt) :].tolist(), None
+    press = PRESSES[press_name](budget=BUDGET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short prompts warn that they stay uncompressed
+        with press(model):
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return out[0, len(prompt) :].tolist(), press.stats
+
+
+def vllm_generate(llm, batch: list[list[int]]) -> dict[str, list[int]]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in batch], SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    )
+    return {o.request_id: list(o.outputs[0].token_ids) for o in outputs}
+
+
+@pytest.fixture(scope="module")
+def qwen2(model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    folder = model_dirs("qwen2")
+    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_engine_without_press_matches_transformers(qwen2):
+    folder, model = qwen2
+    batch = prompts()
+    with engine(folder, None, max_model_len=BATCH_TOKENS, max_num_batched_tokens=BATCH_TOKENS) as llm:
+        served = vllm_generate(llm, batch)
+        assert not hasattr(scheduler_of(llm), "mmshiftkv_ledger")
+    for i, prompt in enumerate(batch):
+        assert served[str(i)] == transformers_generate(model, prompt, None)[0]
+
+
+@pytest.mark.parametrize("press_name", ["shiftkv", "snapkv", "streaming_llm", "keydiff"])
+def test_press_matches_transformers_and_returns_blocks(qwen2, press_name):
+    folder, model = qwen2
+    batch = prompts()
+    with engine(folder, press_name, max_model_len=BATCH_TOKENS, max_num_batched_tokens=BATCH_TOKENS) as llm:
+        served = vllm_generate(llm, batch)
+        selections = selections_of(llm)
+        history = history_of(llm)
+        usage = scheduler_of(llm).mmshiftkv_ledger.usage
+
+    compacted = {str(i) for i, n in enumerate(PROMPT_LENGTHS) if n > BUDGET}
+    assert set(selections) == compacted
+    for i, prompt in enumerate(batch):
+        req_id = str(i)
+        tokens, stats = transformers_generate(model, prompt, press_name)
+        assert served[req_id] == tokens, f"request {i} ({len(prompt)} tokens)"
+        if req_id in compacted:
+            for layer, kept in selections[req_id].items():
+                assert kept.shape == (2, BUDGET)
+                assert torch.equal(kept, stats.indices[layer][0, :, :BUDGET]), f"request {i} layer {layer}"
+
+    # Blocks held, as vLLM's KV manager reports them after every step: the kept prompt plus the
+    # generated tokens, rounded up to blocks; requests within the budget hold their whole prompt.
+    for req_id, records in history.items():
+        prompt_len = records[0].prompt_len
+        held = min(prompt_len, BUDGET)
+        for record in records:
+            generated = record.tokens - prompt_len
+            assert record.blocks == math.ceil((held + generated) / BLOCK_SIZE), (req_id, record)
+    assert max(r.blocks for r in history["2"]) == 2  # a compacted request grew past its first block
+    assert history["2"][0].blocks == 1  # 100 prompt tokens (4 blocks) compacted into 1
+    # Every block in use belongs to a running request: the emptied ones are back in the pool.
+    assert all(in_use == held for in_use, held in usage)
