@@ -1,4 +1,4 @@
-"""vLLM + press on a tiny Qwen2 equals transformers + the same press; the emptied blocks go back to the pool."""
+"""vLLM + press on a tiny Qwen2 equals transformers + the same press; emptied blocks go back to the pool."""
 
 from __future__ import annotations
 
