@@ -202,7 +202,7 @@ def test_chunk_positions_llava_next_grid():
 def test_calibration_rejects_unknown_layouts():
     model, processor = build_tiny_model("llava")
     inputs = processed(processor, Image.new("RGB", (56, 56), "white"))
-    with pytest.raises(NotImplementedError, match="qwen2.5-vl"):
+    with pytest.raises(NotImplementedError, match="qwen2_5_vl and llava_next models, not llava"):
         chunk_token_positions(model, inputs, (56, 56), [TextChunk("a", (0, 0, 10, 10))])
 
 
@@ -261,3 +261,12 @@ def test_calibration_command_writes_a_score_file(tmp_path):
     scores = load_head_scores(out)
     assert head_score_table(scores).shape == (2, 4)
     assert all(len(values) == 2 for values in scores.values())
+
+
+def test_calibration_command_reports_a_missing_model_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert calibrate_main([str(missing), str(tmp_path / "scores.json"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmshiftkv calibrate: error: cannot load the model '{missing}'")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "scores.json").exists()

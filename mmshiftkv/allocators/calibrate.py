@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,15 +193,15 @@ def chunk_token_positions(
     list of torch.Tensor
         One int64 tensor of sorted positions per chunk.
     """
-    family = get_adapter(model).family
     config = model.config
+    family = config.model_type  # the checkpoint's model type decides the image-token layout
     image_positions = (inputs["input_ids"][0] == config.image_token_id).nonzero().flatten()
-    if family in ("qwen2-vl", "qwen2.5-vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         _, height, width = inputs["image_grid_thw"][0].tolist()
         merge = config.vision_config.spatial_merge_size
         rows, cols, first, stride = height // merge, width // merge, 0, width // merge
         expected = rows * cols
-    elif family == "llava-next":
+    elif family == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
             unpad_image,
@@ -215,8 +216,8 @@ def chunk_token_positions(
         expected = first + rows * stride
     else:
         raise NotImplementedError(
-            f"visual-head calibration knows the image-token layout of qwen2-vl, qwen2.5-vl and llava-next, "
-            f"not {family}"
+            f"visual-head calibration knows the image-token layout of qwen2_vl, qwen2_5_vl and llava_next "
+            f"models, not {family}"
         )
     if len(image_positions) != expected:
         raise NotImplementedError(
@@ -327,10 +328,10 @@ def _score_sample(
     return scores
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: compute a head-score file for a local model directory."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmshiftkv.allocators.calibrate",
+        prog="mmshiftkv calibrate",
         description="Compute SparseMM visual-head scores on synthetic OCR images and write them as JSON.",
     )
     parser.add_argument("model", help="local model directory (or hub id when online)")
@@ -342,15 +343,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    # the evaluation's loader: one-line errors for an unreachable hub, no weight-loading progress bar
+    from mmshiftkv.evaluation.runner import EvalSetupError, load_model
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    try:
+        model, processor = load_model(args.model, "auto", device=args.device)
+    except EvalSetupError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     samples = synthetic_ocr_samples(args.n_images, args.words_per_image, seed=args.seed)
     compute_visual_head_scores(
         model, processor, samples, max_new_tokens=args.max_new_tokens, path=args.output
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
