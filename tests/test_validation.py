@@ -12,7 +12,7 @@ import pytest
 from conftest import synthetic_image, tiny
 from transformers import pipeline
 
-import mmshiftkv  # noqa: F401 - registers the pipeline
+import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, load_head_scores
 from mmshiftkv.presses import (
     ExpectedAttentionPress,
@@ -110,6 +110,19 @@ def test_an_allocator_needs_an_explicit_budget_for_every_press(press_cls):
 def test_shiftkv_default_budget_applies_only_without_ratio_and_allocator():
     assert ShiftKVPress().budget == 64
     assert ShiftKVPress(compression_ratio=0.5).budget is None
+
+
+@pytest.mark.parametrize(
+    "press_cls",
+    [ShiftKVPress, SnapKVPress, StreamingLLMPress, KeyDiffPress, ExpectedAttentionPress, LastAttnPress],
+)
+def test_a_model_passed_positionally_is_refused(press_cls):
+    model, _ = tiny("qwen2.5-vl")
+    # The press is called on the model (`press(model)`), never built from it.
+    with pytest.raises(TypeError, match="positional argument"):
+        press_cls(model)
+    with pytest.raises(TypeError, match="positional argument"):
+        press_cls(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
