@@ -35,11 +35,14 @@ class BlockRecord:
         Logical tokens whose KV the request holds (``num_computed_tokens``).
     blocks : int
         Blocks the KV manager holds for it.
+    preemptions : int
+        Times vLLM preempted it so far (each time it freed all its blocks and recomputed).
     """
 
     prompt_len: int
     tokens: int
     blocks: int
+    preemptions: int = 0
 
 
 @dataclass
@@ -153,7 +156,9 @@ class BlockLedger:
             blocks = len(self._blocks.req_to_blocks.get(request.request_id, ()))
             held += blocks
             self.history.setdefault(request.request_id, []).append(
-                BlockRecord(request.num_prompt_tokens, request.num_computed_tokens, blocks)
+                BlockRecord(
+                    request.num_prompt_tokens, request.num_computed_tokens, blocks, request.num_preemptions
+                )
             )
         self.usage.append((self._note_usage(), held))
 

@@ -102,3 +102,25 @@ def test_press_matches_transformers_and_returns_blocks(qwen2, press_name):
     assert history["2"][0].blocks == 1  # 100 prompt tokens (4 blocks) compacted into 1
     # Every block in use belongs to a running request: the emptied ones are back in the pool.
     assert all(in_use == held for in_use, held in usage)
+
+
+def test_preempted_requests_are_compacted_again(qwen2):
+    folder, _ = qwen2
+    generator = torch.Generator().manual_seed(1)
+    batch = [torch.randint(5, 250, (96,), generator=generator).tolist() for _ in range(8)]
+    # 10 blocks: a prefill needs 3, a compacted request 1 then 2 once it passes 32 tokens, so
+    # growing requests run out of blocks and vLLM preempts (frees and later recomputes) some.
+    with engine(
+        folder, "snapkv", num_gpu_blocks_override=11, max_model_len=160, max_num_batched_tokens=160
+    ) as llm:
+        served = vllm_generate(llm, batch)
+        history = history_of(llm)
+        usage = scheduler_of(llm).mmshiftkv_ledger.usage
+    assert all(len(tokens) == MAX_TOKENS for tokens in served.values())
+    preempted = [req_id for req_id, records in history.items() if records[-1].preemptions]
+    assert preempted, "no request was preempted: the pool is too large for this test"
+    for records in history.values():
+        for record in records:
+            generated = record.tokens - record.prompt_len
+            assert record.blocks == math.ceil((BUDGET + generated) / BLOCK_SIZE), record
+    assert all(in_use == held for in_use, held in usage)
