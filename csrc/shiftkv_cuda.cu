@@ -1,26 +1,30 @@
 // CUDA driver of mmshiftkv::shiftkv_scores.
 //
-// 1. row_stats_kernel, one block per query row (every proxy and every last query of every query
-//    head): an online softmax over the keys gives the row's shift (max) and 1 / sum.
-// 2. group_mass_kernel, one block per (batch, KV head, group or anchor, tile of 256 keys), one
-//    thread per key: recomputes the logits of the group's r*g rows for its key, in chunks of rows
-//    staged in shared memory, and sums their probabilities. Nothing of size n_proxies x seq_len
-//    is stored: the extra memory is the (G + 1) x seq_len float64 sums per KV head, G x seq_len vote
-//    bytes, and two doubles per query row.
-// 3. vote_kernel, one block per (batch, KV head, group): the tau-coverage cut by threshold search
-//    (shiftkv_vote.h), then the votes, ties in index order.
-// 4. score_kernel: votes + lambda * anchor.
+// Per step, a chunk of query rows of every (batch, KV head) (all proxies of all groups, then the
+// last queries, in that order):
+// 1. logits by cuBLAS through ATen's batched GEMM: float16/bfloat16 inputs run on tensor cores with
+//    float32 accumulation and float32 output (at::bmm with out_dtype); float32 inputs use float32
+//    GEMM (TF32 only if the user enabled it for matmuls, torch's default is off).
+// 2. row_stats_kernel, one block per row: the row's max and the float64 sum of exp(logit - max)
+//    over the real keys, reduced in a fixed order.
+// 3. row_mass_kernel, one thread per (batch, KV head, key): adds each row's probability into its
+//    group's float32 sum, rows in order, so results are deterministic.
+// Then vote_kernel, one block per (batch, KV head, group): the tau-coverage cut by threshold search
+// (shiftkv_vote.h) and the votes, ties in index order; score_kernel: votes + lambda * anchor.
 //
-// All arithmetic that decides votes is float64 and every reduction has a fixed order, so results
-// are deterministic and match the CPU kernel and the torch reference up to float64 rounding.
+// Extra memory: the (G + 1) x seq_len float32 sums and G x seq_len vote bytes per KV head, a
+// float32 logit chunk of at most max(G, kLogitElements / (batch * kv_heads * seq_len)) rows per KV
+// head, two floats per row of the chunk, and a copy of the query rows (n_proxies + 1 per head).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <string_view>
 
 #include "shiftkv_checks.h"
 #include "shiftkv_vote.h"
@@ -30,223 +34,138 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowChunk = 16;  // query rows staged in shared memory at a time (group_mass_kernel)
-constexpr int kDimChunk = 32;  // key elements held in registers at a time (group_mass_kernel)
-constexpr int64_t kMaxHeadDim = 256;  // keeps kRowChunk rows of float64 within 48 KiB of shared memory
+constexpr int64_t kLogitElements = int64_t{1} << 26;  // 256 MiB of float32 logits per step
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename scalar_t>
-__device__ __forceinline__ double to_double(scalar_t value) {
-  return static_cast<double>(static_cast<float>(value));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixed-order block reductions: each returns the same value to every thread, whatever the timing.
 
-__device__ __forceinline__ double block_sum(double value, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kFullMask, value, offset);
+template <typename T, typename Combine>
+__device__ __forceinline__ T block_reduce(T value, T* scratch, Combine combine) {
+  for (int offset = 16; offset > 0; offset /= 2) value = combine(value, __shfl_down_sync(kFullMask, value, offset));
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
   __syncthreads();
-  double total = 0.0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
-}
-
-__device__ __forceinline__ double block_max(double value, double* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) value = fmax(value, __shfl_down_sync(kFullMask, value, offset));
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
-  __syncthreads();
-  double result = scratch[0];
-  for (int w = 1; w < kWarps; ++w) result = fmax(result, scratch[w]);
+  T result = scratch[0];
+  for (int w = 1; w < kWarps; ++w) result = combine(result, scratch[w]);
   __syncthreads();
   return result;
 }
 
-__device__ __forceinline__ long long block_count(long long value, long long* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kFullMask, value, offset);
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
-  __syncthreads();
-  long long total = 0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
-}
-
-// Softmax statistics of part of a row: its max and the sum of exp(logit - max).
-struct SoftmaxStats {
-  double max;
-  double sum;
+struct Add {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 
-__device__ __forceinline__ SoftmaxStats merge_stats(SoftmaxStats a, SoftmaxStats b) {
-  if (b.max == -INFINITY) return a;
-  if (a.max == -INFINITY) return b;
-  const double max = fmax(a.max, b.max);
-  return {max, a.sum * exp(a.max - max) + b.sum * exp(b.max - max)};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ bool real_key(const bool* key_mask, int64_t b, int64_t t, int64_t seq_len) {
+  return key_mask == nullptr || key_mask[b * seq_len + t];
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row index of query row (b, q_head, n): n < n_proxies is a proxy, n == n_proxies the last query.
+// Softmax of a chunk of rows. logits: (batch * kv_heads, chunk_rows, seq_len) float32 raw dot
+// products; a row's logit of key t is logits[...][t] * scaling.
 
-template <typename scalar_t>
-__device__ __forceinline__ const scalar_t* query_row(const scalar_t* proxies, const scalar_t* last_query, int64_t b,
-                                                     int64_t q_head, int64_t n, const ScoringShape& s) {
-  if (n < s.n_proxies) return proxies + ((b * s.q_heads + q_head) * s.n_proxies + n) * s.head_dim;
-  return last_query + (b * s.q_heads + q_head) * s.head_dim;
-}
-
-__device__ __forceinline__ int64_t stats_index(int64_t b, int64_t q_head, int64_t n, const ScoringShape& s) {
-  return (b * s.q_heads + q_head) * (s.n_proxies + 1) + n;
-}
-
-template <typename scalar_t>
-__global__ void row_stats_kernel(const scalar_t* __restrict__ proxies, const scalar_t* __restrict__ last_query,
-                                 const scalar_t* __restrict__ keys, const bool* __restrict__ key_mask,
-                                 ScoringShape s, double scaling, double* __restrict__ row_shift,
-                                 double* __restrict__ row_inverse_sum) {
-  extern __shared__ double query[];  // head_dim
-  __shared__ double scratch_max[kWarps];
+__global__ void row_stats_kernel(const float* __restrict__ logits, const bool* __restrict__ key_mask, ScoringShape s,
+                                 int64_t chunk_rows, float scaling, float* __restrict__ row_shift,
+                                 float* __restrict__ row_inverse_sum) {
+  __shared__ float scratch_max[kWarps];
   __shared__ double scratch_sum[kWarps];
-  const int64_t row = blockIdx.x;
-  const int64_t per_batch = s.q_heads * (s.n_proxies + 1);
-  const int64_t b = row / per_batch;
-  const int64_t q_head = (row % per_batch) / (s.n_proxies + 1);
-  const int64_t n = row % (s.n_proxies + 1);
-  const int64_t h = q_head / s.heads_per_kv;
-  const scalar_t* src = query_row(proxies, last_query, b, q_head, n, s);
-  for (int64_t c = threadIdx.x; c < s.head_dim; c += kThreads) query[c] = to_double(src[c]);
-  __syncthreads();
-
-  const scalar_t* head_keys = keys + (b * s.kv_heads + h) * s.seq_len * s.head_dim;
-  SoftmaxStats stats{-INFINITY, 0.0};
+  const int64_t row = blockIdx.x;  // (b * kv_heads + h) * chunk_rows + i
+  const int64_t b = row / chunk_rows / s.kv_heads;
+  const float* values = logits + row * s.seq_len;
+  float local_max = -INFINITY;
   for (int64_t t = threadIdx.x; t < s.seq_len; t += kThreads) {
-    if (key_mask != nullptr && !key_mask[b * s.seq_len + t]) continue;
-    const scalar_t* key = head_keys + t * s.head_dim;
-    double dot = 0.0;
-    for (int64_t c = 0; c < s.head_dim; ++c) dot += query[c] * to_double(key[c]);
-    stats = merge_stats(stats, {dot * scaling, 1.0});
+    if (real_key(key_mask, b, t, s.seq_len)) local_max = fmaxf(local_max, values[t] * scaling);
   }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const SoftmaxStats other{__shfl_down_sync(kFullMask, stats.max, offset),
-                             __shfl_down_sync(kFullMask, stats.sum, offset)};
-    stats = merge_stats(stats, other);
+  const float shift = softmax_shift(block_reduce(local_max, scratch_max, Max{}));
+  double local_sum = 0.0;
+  for (int64_t t = threadIdx.x; t < s.seq_len; t += kThreads) {
+    if (real_key(key_mask, b, t, s.seq_len)) local_sum += static_cast<double>(expf(values[t] * scaling - shift));
   }
-  if (threadIdx.x % 32 == 0) {
-    scratch_max[threadIdx.x / 32] = stats.max;
-    scratch_sum[threadIdx.x / 32] = stats.sum;
-  }
-  __syncthreads();
+  const double sum = block_reduce(local_sum, scratch_sum, Add{});
   if (threadIdx.x == 0) {
-    SoftmaxStats total{scratch_max[0], scratch_sum[0]};
-    for (int w = 1; w < kWarps; ++w) total = merge_stats(total, {scratch_max[w], scratch_sum[w]});
-    const int64_t index = stats_index(b, q_head, n, s);
-    row_shift[index] = softmax_shift(total.max);
-    row_inverse_sum[index] = softmax_inverse_sum(total.sum);
+    row_shift[row] = shift;
+    row_inverse_sum[row] = softmax_inverse_sum(sum);
   }
 }
 
-// grid: (batch * kv_heads * (n_groups + 1), key tiles); slot n_groups is the anchor (last queries).
-template <typename scalar_t>
-__global__ void group_mass_kernel(const scalar_t* __restrict__ proxies, const scalar_t* __restrict__ last_query,
-                                  const scalar_t* __restrict__ keys, const bool* __restrict__ key_mask,
-                                  ScoringShape s, double scaling, bool exclude_last_key,
-                                  const double* __restrict__ row_shift, const double* __restrict__ row_inverse_sum,
-                                  double* __restrict__ sums) {
-  extern __shared__ double rows[];  // kRowChunk x head_dim, then kRowChunk shifts and inverse sums
-  double* shift = rows + kRowChunk * s.head_dim;
-  double* inverse_sum = shift + kRowChunk;
-  const int64_t G = s.n_groups;
-  const int64_t slot = blockIdx.x % (G + 1);
-  const int64_t head = blockIdx.x / (G + 1);  // b * kv_heads + h
-  const int64_t b = head / s.kv_heads;
-  const int64_t h = head % s.kv_heads;
-  const int64_t t = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  const bool active = t < s.seq_len && (key_mask == nullptr || key_mask[b * s.seq_len + t]);
-  const scalar_t* key = keys + (head * s.seq_len + (t < s.seq_len ? t : 0)) * s.head_dim;
-  const int64_t n_rows = slot < G ? s.heads_per_kv * s.group_size : s.heads_per_kv;
+__device__ __forceinline__ int64_t slot_of_row(int64_t row, int64_t per_group, int64_t n_groups) {
+  const int64_t slot = row / per_group;
+  return slot < n_groups ? slot : n_groups;
+}
 
-  double mass = 0.0;
-  for (int64_t r0 = 0; r0 < n_rows; r0 += kRowChunk) {
-    const int len = static_cast<int>(n_rows - r0 < kRowChunk ? n_rows - r0 : kRowChunk);
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < len * s.head_dim; e += kThreads) {
-      const int64_t rho = r0 + e / s.head_dim;
-      const int64_t q_head = h * s.heads_per_kv + (slot < G ? rho / s.group_size : rho);
-      const int64_t n = slot < G ? slot * s.group_size + rho % s.group_size : s.n_proxies;
-      rows[e] = to_double(query_row(proxies, last_query, b, q_head, n, s)[e % s.head_dim]);
-      if (e % s.head_dim == 0) {
-        const int64_t index = stats_index(b, q_head, n, s);
-        shift[e / s.head_dim] = row_shift[index];
-        inverse_sum[e / s.head_dim] = row_inverse_sum[index];
-      }
+// grid: (batch * kv_heads, key tiles). Chunk row i is query row first_row + i of its head; query
+// row n belongs to slot min(n / (r * g), G) (slot G: the anchor). sums: (batch * kv_heads, G + 1,
+// seq_len) float32, added to in row order.
+__global__ void row_mass_kernel(const float* __restrict__ logits, const bool* __restrict__ key_mask, ScoringShape s,
+                                int64_t first_row, int64_t chunk_rows, float scaling, bool exclude_last_key,
+                                const float* __restrict__ row_shift, const float* __restrict__ row_inverse_sum,
+                                float* __restrict__ sums) {
+  const int64_t head = blockIdx.x;  // b * kv_heads + h
+  const int64_t t = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  // Zeroing the last key after the softmax, without renormalising, is leaving it out of the mass.
+  if (t >= s.seq_len || !real_key(key_mask, head / s.kv_heads, t, s.seq_len)) return;
+  if (exclude_last_key && t == s.seq_len - 1) return;
+  const int64_t per_group = s.heads_per_kv * s.group_size;
+  const float* values = logits + head * chunk_rows * s.seq_len + t;
+  const float* shift = row_shift + head * chunk_rows;
+  const float* inverse_sum = row_inverse_sum + head * chunk_rows;
+  float* head_sums = sums + head * (s.n_groups + 1) * s.seq_len + t;
+  int64_t slot = slot_of_row(first_row, per_group, s.n_groups);
+  float mass = 0.0f;
+  for (int64_t i = 0; i < chunk_rows; ++i) {
+    const int64_t row_slot = slot_of_row(first_row + i, per_group, s.n_groups);
+    if (row_slot != slot) {
+      head_sums[slot * s.seq_len] += mass;
+      slot = row_slot;
+      mass = 0.0f;
     }
-    __syncthreads();
-    if (!active) continue;
-    double dot[kRowChunk];
-#pragma unroll
-    for (int i = 0; i < kRowChunk; ++i) dot[i] = 0.0;
-    for (int64_t c0 = 0; c0 < s.head_dim; c0 += kDimChunk) {
-      double key_part[kDimChunk];
-#pragma unroll
-      for (int c = 0; c < kDimChunk; ++c) key_part[c] = c0 + c < s.head_dim ? to_double(key[c0 + c]) : 0.0;
-#pragma unroll
-      for (int i = 0; i < kRowChunk; ++i) {
-        if (i >= len) break;
-        const double* row = rows + i * s.head_dim + c0;
-#pragma unroll
-        for (int c = 0; c < kDimChunk; ++c) {
-          if (c0 + c < s.head_dim) dot[i] += row[c] * key_part[c];
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kRowChunk; ++i) {
-      if (i < len) mass += exp(dot[i] * scaling - shift[i]) * inverse_sum[i];
-    }
+    mass += expf(values[i * s.seq_len] * scaling - shift[i]) * inverse_sum[i];
   }
-  if (t < s.seq_len) {
-    // Zeroing the last key after the softmax, without renormalising, is leaving it out of the mass.
-    const bool excluded = exclude_last_key && t == s.seq_len - 1;
-    sums[(head * (G + 1) + slot) * s.seq_len + t] = excluded ? 0.0 : mass;
-  }
+  head_sums[slot * s.seq_len] += mass;
 }
 
 // grid: batch * kv_heads * n_groups. Turns the group's probability sums into vote masses in place,
 // then marks its voted tokens.
-__global__ void vote_kernel(double* __restrict__ sums, uint8_t* __restrict__ voted, ScoringShape s, double tau,
+__global__ void vote_kernel(float* __restrict__ sums, uint8_t* __restrict__ voted, ScoringShape s, double tau,
                             Coverage coverage, bool anchor_in_groups) {
-  __shared__ double scratch[kWarps];
+  __shared__ double scratch_sum[kWarps];
+  __shared__ float scratch_max[kWarps];
   __shared__ long long scratch_count[kWarps];
   __shared__ int warp_equal[kWarps];
   const int64_t G = s.n_groups;
   const int64_t T = s.seq_len;
   const int64_t head = blockIdx.x / G;
   const int64_t j = blockIdx.x % G;
-  double* mass = sums + (head * (G + 1) + j) * T;
-  const double* anchor_sum = sums + (head * (G + 1) + G) * T;
+  float* mass = sums + (head * (G + 1) + j) * T;
+  const float* anchor_sum = sums + (head * (G + 1) + G) * T;
 
   double local_sum = 0.0;
-  double local_max = 0.0;
+  float local_max = 0.0f;
   for (int64_t t = threadIdx.x; t < T; t += kThreads) {
-    const double m = vote_mass(mass[t], anchor_sum[t], s.heads_per_kv, s.group_size, anchor_in_groups);
+    const float m = vote_mass(mass[t], anchor_sum[t], s.heads_per_kv, s.group_size, anchor_in_groups);
     mass[t] = m;
-    local_sum += m;
-    local_max = fmax(local_max, m);
+    local_sum += static_cast<double>(m);
+    local_max = fmaxf(local_max, m);
   }
-  const double total = block_sum(local_sum, scratch);
-  const double max_mass = block_max(local_max, scratch);
+  const double total = block_reduce(local_sum, scratch_sum, Add{});
+  const float max_mass = block_reduce(local_max, scratch_max, Max{});
 
-  auto sum_below = [&](uint64_t bits) {
-    const double bound = bits_to_mass(bits);
+  auto sum_below = [&](uint32_t bits) {
+    const float bound = bits_to_mass(bits);
     double partial = 0.0;
-    for (int64_t t = threadIdx.x; t < T; t += kThreads) partial += mass[t] < bound ? mass[t] : 0.0;
-    return block_sum(partial, scratch);
+    for (int64_t t = threadIdx.x; t < T; t += kThreads) partial += mass[t] < bound ? static_cast<double>(mass[t]) : 0.0;
+    return block_reduce(partial, scratch_sum, Add{});
   };
-  auto count_equal = [&](double value) {
+  auto count_equal = [&](float value) {
     long long partial = 0;
     for (int64_t t = threadIdx.x; t < T; t += kThreads) partial += mass[t] == value;
-    return static_cast<int64_t>(block_count(partial, scratch_count));
+    return static_cast<int64_t>(block_reduce(partial, scratch_count, Add{}));
   };
   const VoteCut cut = coverage_cut(total, max_mass, tau, coverage, sum_below, count_equal);
 
@@ -256,7 +175,7 @@ __global__ void vote_kernel(double* __restrict__ sums, uint8_t* __restrict__ vot
   int64_t equal_before = 0;  // tokens on the cut in earlier tiles
   for (int64_t t0 = 0; t0 < T; t0 += kThreads) {
     const int64_t t = t0 + threadIdx.x;
-    const double m = t < T ? mass[t] : 0.0;
+    const float m = t < T ? mass[t] : 0.0f;
     const bool equal = t < T && on_cut(m, cut);
     const unsigned ballot = __ballot_sync(kFullMask, equal);
     if (lane == 0) warp_equal[warp] = __popc(ballot);
@@ -273,7 +192,7 @@ __global__ void vote_kernel(double* __restrict__ sums, uint8_t* __restrict__ vot
   }
 }
 
-__global__ void score_kernel(const double* __restrict__ sums, const uint8_t* __restrict__ voted,
+__global__ void score_kernel(const float* __restrict__ sums, const uint8_t* __restrict__ voted,
                              const bool* __restrict__ key_mask, ScoringShape s, double anchor_weight,
                              float* __restrict__ scores) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -285,8 +204,7 @@ __global__ void score_kernel(const double* __restrict__ sums, const uint8_t* __r
   int64_t votes = 0;
   for (int64_t j = 0; j < G; ++j) votes += voted[(head * G + j) * T + t];
   const double anchor = anchor_attention(sums[(head * (G + 1) + G) * T + t], s.heads_per_kv);
-  const bool real = key_mask == nullptr || key_mask[(head / s.kv_heads) * T + t];
-  scores[index] = shiftkv_score(votes, anchor, anchor_weight, real);
+  scores[index] = shiftkv_score(votes, anchor, anchor_weight, real_key(key_mask, head / s.kv_heads, t, T));
 }
 
 at::Tensor shiftkv_scores_cuda(const at::Tensor& proxies, const at::Tensor& keys, const at::Tensor& last_query,
@@ -296,46 +214,60 @@ at::Tensor shiftkv_scores_cuda(const at::Tensor& proxies, const at::Tensor& keys
   const ScoringShape s = check_scoring_inputs(proxies, keys, last_query, key_mask, n_groups, tau, scaling,
                                               anchor_weight);
   const Coverage coverage = parse_coverage(coverage_name);
-  TORCH_CHECK(s.head_dim <= kMaxHeadDim, "shiftkv_scores (CUDA): head_dim must be at most ", kMaxHeadDim, ", got ",
-              s.head_dim);
   const int64_t key_tiles = (s.seq_len + kThreads - 1) / kThreads;
   TORCH_CHECK(key_tiles <= 65535, "shiftkv_scores (CUDA): seq_len ", s.seq_len, " is too long (at most ",
               int64_t{65535} * kThreads, ")");
   const c10::cuda::CUDAGuard guard(proxies.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t heads = s.batch * s.kv_heads;
+  const int64_t r = s.heads_per_kv;
+  const int64_t G = s.n_groups;
+  const int64_t T = s.seq_len;
+  const float scale = static_cast<float>(scaling);
 
-  const at::Tensor p = proxies.contiguous();
-  const at::Tensor k = keys.contiguous();
-  const at::Tensor q = last_query.contiguous();
+  // Query rows per head: group j's r*g proxies (query head-major), then the r last queries.
+  const at::Tensor grouped = proxies.reshape({s.batch, s.kv_heads, r, G, s.group_size, s.head_dim}).transpose(2, 3);
+  const at::Tensor rows = at::cat({grouped.reshape({heads, G * r * s.group_size, s.head_dim}),
+                                   last_query.reshape({heads, r, s.head_dim})},
+                                  1);
+  const at::Tensor keys_t = keys.reshape({heads, T, s.head_dim}).transpose(1, 2);
   const at::Tensor mask = key_mask.has_value() ? key_mask->contiguous() : at::Tensor();
   const bool* mask_data = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const auto f64 = proxies.options().dtype(at::kDouble);
-  const int64_t n_query_rows = s.batch * s.q_heads * (s.n_proxies + 1);
-  at::Tensor row_shift = at::empty({n_query_rows}, f64);
-  at::Tensor row_inverse_sum = at::empty({n_query_rows}, f64);
-  at::Tensor sums = at::empty({s.batch, s.kv_heads, s.n_groups + 1, s.seq_len}, f64);
-  at::Tensor voted = at::empty({s.batch, s.kv_heads, s.n_groups, s.seq_len}, proxies.options().dtype(at::kByte));
-  at::Tensor scores = at::empty({s.batch, s.kv_heads, s.seq_len}, proxies.options().dtype(at::kFloat));
+  const auto f32 = proxies.options().dtype(at::kFloat);
+  const int64_t n_rows = rows.size(1);
+  const int64_t chunk_rows = std::min(n_rows, std::max(G, kLogitElements / (heads * T)));
+  at::Tensor logit_buffer = at::empty({heads * chunk_rows * T}, f32);
+  at::Tensor row_shift = at::empty({heads * chunk_rows}, f32);
+  at::Tensor row_inverse_sum = at::empty({heads * chunk_rows}, f32);
+  at::Tensor sums = at::zeros({heads, G + 1, T}, f32);
+  at::Tensor voted = at::empty({heads, G, T}, proxies.options().dtype(at::kByte));
+  at::Tensor scores = at::empty({s.batch, s.kv_heads, T}, f32);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "shiftkv_scores_cuda", [&] {
-    const size_t stats_smem = static_cast<size_t>(s.head_dim) * sizeof(double);
-    row_stats_kernel<scalar_t><<<static_cast<unsigned>(n_query_rows), kThreads, stats_smem, stream>>>(
-        p.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), mask_data, s, scaling,
-        row_shift.data_ptr<double>(), row_inverse_sum.data_ptr<double>());
+  for (int64_t first = 0; first < n_rows; first += chunk_rows) {
+    const int64_t len = std::min(chunk_rows, n_rows - first);
+    // (heads, len, T), contiguous also for a short last chunk, as the kernels index it.
+    at::Tensor chunk = logit_buffer.narrow(0, 0, heads * len * T).view({heads, len, T});
+    if (proxies.scalar_type() == at::kFloat) {
+      at::bmm_out(chunk, rows.narrow(1, first, len), keys_t);
+    } else {
+      at::bmm_out(chunk, rows.narrow(1, first, len), keys_t, at::kFloat);
+    }
+    row_stats_kernel<<<static_cast<unsigned>(heads * len), kThreads, 0, stream>>>(
+        chunk.data_ptr<float>(), mask_data, s, len, scale, row_shift.data_ptr<float>(),
+        row_inverse_sum.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t mass_smem = static_cast<size_t>(kRowChunk) * (s.head_dim + 2) * sizeof(double);
-    const dim3 grid(static_cast<unsigned>(s.batch * s.kv_heads * (s.n_groups + 1)), static_cast<unsigned>(key_tiles));
-    group_mass_kernel<scalar_t><<<grid, kThreads, mass_smem, stream>>>(
-        p.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), mask_data, s, scaling,
-        exclude_last_key, row_shift.data_ptr<double>(), row_inverse_sum.data_ptr<double>(), sums.data_ptr<double>());
+    const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(key_tiles));
+    row_mass_kernel<<<grid, kThreads, 0, stream>>>(chunk.data_ptr<float>(), mask_data, s, first, len, scale,
+                                                   exclude_last_key, row_shift.data_ptr<float>(),
+                                                   row_inverse_sum.data_ptr<float>(), sums.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  vote_kernel<<<static_cast<unsigned>(s.batch * s.kv_heads * s.n_groups), kThreads, 0, stream>>>(
-      sums.data_ptr<double>(), voted.data_ptr<uint8_t>(), s, tau, coverage, anchor_in_groups);
+  }
+  vote_kernel<<<static_cast<unsigned>(heads * G), kThreads, 0, stream>>>(
+      sums.data_ptr<float>(), voted.data_ptr<uint8_t>(), s, tau, coverage, anchor_in_groups);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t n_scores = s.batch * s.kv_heads * s.seq_len;
+  const int64_t n_scores = heads * T;
   score_kernel<<<static_cast<unsigned>((n_scores + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      sums.data_ptr<double>(), voted.data_ptr<uint8_t>(), mask_data, s, anchor_weight, scores.data_ptr<float>());
+      sums.data_ptr<float>(), voted.data_ptr<uint8_t>(), mask_data, s, anchor_weight, scores.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return scores;
 }

@@ -1,9 +1,12 @@
 // The arithmetic that decides ShiftKV votes, shared by the CPU and CUDA drivers.
 //
-// Everything here is float64 and mirrors mmshiftkv/ops/reference.py step for step: the softmax
-// normalisation, the per-group vote mass, the tau-coverage rule evaluated on the uncovered (tail)
-// mass, the tie order (equal masses: lower token index first) and the final score. The drivers
-// only supply reductions over a group's masses (sequential loops on the CPU, fixed-order block
+// The drivers compute the logits with a float32-accumulating GEMM and the softmax in float32; what
+// they hand to this header are float32 probability sums. From there on it mirrors
+// mmshiftkv/ops/reference.py step for step: the per-group vote mass, the tau-coverage rule
+// evaluated on the uncovered (tail) mass, the tie order (equal masses: lower token index first) and
+// the final score. Sums that decide a vote (a group's total, the tail mass below a threshold) are
+// accumulated in float64, so they add no rounding of their own to the float32 masses. The drivers
+// only supply reductions over a group's masses (lane-blocked loops on the CPU, fixed-order block
 // reductions on the GPU), so the CPU tests exercise the same decisions the GPU makes.
 #pragma once
 
@@ -31,11 +34,13 @@ enum class Coverage : int32_t {
 // Softmax of one (proxy or last-query) row over the keys.
 
 // A row whose keys are all padding has max -inf; shifting it by 0 keeps every exp at exactly 0.
-SHIFTKV_HD double softmax_shift(double row_max) { return row_max == -INFINITY ? 0.0 : row_max; }
+SHIFTKV_HD float softmax_shift(float row_max) { return row_max == -INFINITY ? 0.0f : row_max; }
 
 // A row with a real key sums to >= 1 (its max contributes exp(0) = 1); an empty row sums to 0 and
 // must stay all-zero instead of 0/0.
-SHIFTKV_HD double softmax_inverse_sum(double sum_exp) { return 1.0 / (sum_exp < 1.0 ? 1.0 : sum_exp); }
+SHIFTKV_HD float softmax_inverse_sum(double sum_exp) {
+  return static_cast<float>(1.0 / (sum_exp < 1.0 ? 1.0 : sum_exp));
+}
 
 // ---------------------------------------------------------------------------------------------
 // From per-row probability sums to the masses that vote.
@@ -43,39 +48,41 @@ SHIFTKV_HD double softmax_inverse_sum(double sum_exp) { return 1.0 / (sum_exp < 
 // group_sum: sum over the r*g rows (query heads x proxies) of a group of one key's probability;
 // anchor_sum: sum over the r query heads of the last query's probability of that key.
 
-SHIFTKV_HD double anchor_attention(double anchor_sum, int64_t heads_per_kv) {
-  return anchor_sum / static_cast<double>(heads_per_kv);
+SHIFTKV_HD double anchor_attention(float anchor_sum, int64_t heads_per_kv) {
+  return static_cast<double>(anchor_sum) / static_cast<double>(heads_per_kv);
 }
 
-SHIFTKV_HD double vote_mass(double group_sum, double anchor_sum, int64_t heads_per_kv, int64_t group_size,
-                            bool anchor_in_groups) {
-  const double mass = group_sum / static_cast<double>(heads_per_kv);
-  if (!anchor_in_groups) return mass;
-  return (mass + anchor_attention(anchor_sum, heads_per_kv)) / static_cast<double>(group_size + 1);
+// Computed in float64 and rounded once, so the mass carries one float32 rounding beyond its sums.
+SHIFTKV_HD float vote_mass(float group_sum, float anchor_sum, int64_t heads_per_kv, int64_t group_size,
+                           bool anchor_in_groups) {
+  const double mass = static_cast<double>(group_sum) / static_cast<double>(heads_per_kv);
+  if (!anchor_in_groups) return static_cast<float>(mass);
+  return static_cast<float>((mass + anchor_attention(anchor_sum, heads_per_kv)) /
+                            static_cast<double>(group_size + 1));
 }
 
 // ---------------------------------------------------------------------------------------------
 // The tau-coverage vote of one group, found by a threshold search instead of a sort.
 //
-// Masses are non-negative doubles, whose IEEE-754 bit patterns order exactly like their values, so
-// a binary search over bit patterns pins an exact mass value in at most 63 halvings, each costing
+// Masses are non-negative floats, whose IEEE-754 bit patterns order exactly like their values, so
+// a binary search over bit patterns pins an exact mass value in at most 31 halvings, each costing
 // one reduction over the group's masses.
 
-SHIFTKV_HD uint64_t mass_to_bits(double mass) {
+SHIFTKV_HD uint32_t mass_to_bits(float mass) {
 #if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(mass));
+  return __float_as_uint(mass);
 #else
-  uint64_t bits;
+  uint32_t bits;
   std::memcpy(&bits, &mass, sizeof bits);
   return bits;
 #endif
 }
 
-SHIFTKV_HD double bits_to_mass(uint64_t bits) {
+SHIFTKV_HD float bits_to_mass(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(bits));
+  return __uint_as_float(bits);
 #else
-  double mass;
+  float mass;
   std::memcpy(&mass, &bits, sizeof mass);
   return mass;
 #endif
@@ -95,15 +102,15 @@ SHIFTKV_HD bool tail_fits(double tail, double budget, Coverage coverage) {
 // The voted set of one group: every token with mass > value, plus the first equal_quota tokens
 // (in index order) whose mass == value.
 struct VoteCut {
-  double value;
+  float value;
   int64_t equal_quota;
 };
 
 SHIFTKV_HD VoteCut vote_nothing() { return {INFINITY, 0}; }
-SHIFTKV_HD VoteCut vote_all_positive() { return {0.0, 0}; }
+SHIFTKV_HD VoteCut vote_all_positive() { return {0.0f, 0}; }
 
-SHIFTKV_HD bool above_cut(double mass, const VoteCut& cut) { return mass > cut.value; }
-SHIFTKV_HD bool on_cut(double mass, const VoteCut& cut) { return cut.equal_quota > 0 && mass == cut.value; }
+SHIFTKV_HD bool above_cut(float mass, const VoteCut& cut) { return mass > cut.value; }
+SHIFTKV_HD bool on_cut(float mass, const VoteCut& cut) { return cut.equal_quota > 0 && mass == cut.value; }
 
 // Finds the vote cut of one group.
 //
@@ -114,27 +121,28 @@ SHIFTKV_HD bool on_cut(double mass, const VoteCut& cut) { return cut.equal_quota
 // below x only changes where x passes a mass). Inside v's tie block the tail grows by v per token
 // given back, in index order.
 //
-// sum_below(x):   sum of the group's masses m with m < bits_to_mass(x), x a bit pattern
+// total:          the group's mass, summed in float64
+// sum_below(x):   float64 sum of the group's masses m with m < bits_to_mass(x), x a bit pattern
 // count_equal(v): number of the group's masses equal to v
 SHIFTKV_DEVICE_LAMBDAS_OK
 template <class SumBelow, class CountEqual>
-SHIFTKV_HD VoteCut coverage_cut(double total, double max_mass, double tau, Coverage coverage,
+SHIFTKV_HD VoteCut coverage_cut(double total, float max_mass, double tau, Coverage coverage,
                                 const SumBelow& sum_below, const CountEqual& count_equal) {
   if (!(total > 0.0)) return vote_nothing();
   const double budget = uncovered_budget(total, tau);
-  // Bit pattern 1 is the smallest positive double: only zero masses lie below it.
+  // Bit pattern 1 is the smallest positive float: only zero masses lie below it.
   if (!tail_fits(0.0, budget, coverage)) return vote_all_positive();  // within at tau == 1
-  uint64_t lo = 1;
-  uint64_t hi = mass_to_bits(max_mass);
+  uint32_t lo = 1;
+  uint32_t hi = mass_to_bits(max_mass);
   while (lo < hi) {
-    const uint64_t mid = lo + (hi - lo + 1) / 2;
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
     if (tail_fits(sum_below(mid), budget, coverage)) {
       lo = mid;
     } else {
       hi = mid - 1;
     }
   }
-  const double value = bits_to_mass(lo);
+  const float value = bits_to_mass(lo);
   const int64_t n_equal = count_equal(value);
   double tail = sum_below(lo);
   int64_t taken = n_equal;

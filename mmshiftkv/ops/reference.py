@@ -6,17 +6,12 @@ Precision
 ---------
 Everything that decides a vote is computed in float64: the logits (inputs are float16, bfloat16 or
 float32, so their products are exact in float64), the softmax, the head mean, the group masses and
-the coverage sums. The compiled op does the same, so the two differ only by float64 rounding
-(relative ~1e-15, from a different summation order and exp implementation). A vote can therefore
-differ only where a group's coverage boundary is within that rounding of a tie, i.e. where
-
-* the uncovered mass after some prefix is within ~1e-15 (relative) of ``(1 - tau) * total``, or
-* two masses that straddle the boundary differ by ~1e-15 (relative) without being equal.
-
-Ties between equal masses go to the lower token index. The compiled op computes every key's mass
-with the same arithmetic, so duplicate keys give exactly equal masses there; torch's vectorised
-kernels may round the same value differently depending on its position (by an ulp), so this
-reference can split such a tie, which the tests count among the rounding-uncertain votes.
+the coverage sums. The compiled op computes logits and masses in float32 (float64 only for the sums
+that decide a vote); how far its votes may differ from these is stated in
+:func:`mmshiftkv.ops.shiftkv_scores` and :mod:`mmshiftkv.ops.precision`. Ties between equal masses
+go to the lower token index. torch's kernels may round the same value differently depending on its
+position (a BLAS picks kernels by shape and CPU), so the reference itself only guarantees equal
+masses for equal keys where the logits are exact (e.g. small-integer inputs).
 
 The coverage rule is evaluated on the *uncovered* (tail) mass: "the first k tokens cover tau of
 the mass" is tested as ``tail_k <= (1 - tau) * total``, which equals Eq. 9 in exact arithmetic and
