@@ -11,7 +11,10 @@ OLDEST_PINS ?= transformers==5.2.0 "tokenizers>=0.22,<=0.23.0" kvpress==0.5.5
 FORCE_CUDA ?= $(if $(CI),1,)
 export FORCE_CUDA
 
-.PHONY: demo test test-newest test-oldest test-rounding lint build clean
+# vLLM's CPU build pins its own torch and transformers: the plugin's tests run in a third venv.
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: demo test test-newest test-oldest test-rounding test-vllm lint build clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,9 +42,10 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# The whole suite on the newest transformers the index offers, then on the oldest supported one, then the
-# op tests again under another MKL rounding (a test must not depend on how a GEMM rounds).
-test: lint test-newest test-oldest test-rounding
+# The whole suite on the newest transformers the index offers, then on the oldest supported one, the op
+# tests again under another MKL rounding (a test must not depend on how a GEMM rounds), then the vLLM
+# plugin's tests in vLLM's own venv.
+test: lint test-newest test-oldest test-rounding test-vllm
 
 test-newest: $(VENV)/.installed
 	$(PY) -c "import transformers; print('transformers', transformers.__version__)"
@@ -53,6 +57,10 @@ test-oldest: $(OLDEST)/.installed
 
 test-rounding: $(VENV)/.installed
 	MKL_CBWR=COMPATIBLE $(VENV)/bin/pytest tests/test_ops_compiled.py tests/test_ops_reference.py tests/test_ops_api.py
+
+test-vllm:
+	bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm
 
 clean:
 	rm -rf build mmshiftkv/*.so $(VENV)/.installed $(OLDEST)

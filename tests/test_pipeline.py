@@ -7,7 +7,7 @@ import torch
 from conftest import synthetic_image, tiny
 from transformers import DynamicCache, pipeline
 
-import mmshiftkv  # noqa: F401 - registers the pipeline
+import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
 from mmshiftkv.models.tiny import VISION_FAMILIES
 from mmshiftkv.presses import KeyDiffPress, SnapKVPress
 

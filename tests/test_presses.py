@@ -303,16 +303,29 @@ def test_caches_a_press_cannot_compress_are_refused_by_name():
         model(**inputs, past_key_values=[])
 
 
-def test_prompt_longer_than_a_sliding_window_is_refused():
+def test_sliding_window_layers_keep_their_window_and_decoding_past_a_window_is_refused():
     model, processor = build_tiny_model("mistral")
-    model.config.sliding_window = 16
     inputs = make_inputs("mistral", processor, [QUESTION])
-    assert inputs["input_ids"].shape[1] > 16
+    prompt_len = inputs["input_ids"].shape[1]
+    model.config.sliding_window = 16
+    assert prompt_len > 16
+    # A sliding-window cache already holds only the window: the press leaves it, output unchanged.
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    press = SnapKVPress(budget=BUDGET)
+    with press(model), pytest.warns(CompressionSkippedWarning), torch.no_grad():
+        pressed = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, past_key_values=DynamicCache(config=model.config)
+        )
+    assert torch.equal(plain, pressed) and not press.stats.compressed
+
+    # A window the prompt fits in but decoding outgrows: compressed layers refuse instead of drifting.
+    model.config.sliding_window = prompt_len + 2
     with (
-        pytest.raises(NotImplementedError, match="sliding window of 15 tokens, shorter than the"),
+        pytest.raises(NotImplementedError, match="sliding window of .* decoding past the window"),
         SnapKVPress(budget=BUDGET)(model),
     ):
-        model.generate(**inputs, max_new_tokens=2, past_key_values=DynamicCache(config=model.config))
+        model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
 
 def test_hooks_and_attention_are_restored_when_generation_raises():

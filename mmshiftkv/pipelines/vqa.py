@@ -18,8 +18,6 @@ from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.validation import check_int
 
 TASK = "kv-press-vqa"
-#: Model families the pipeline builds image prompts for.
-VISION_FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "llava")
 QUESTION_MARK = "<<mmshiftkv-question>>"
 
 
@@ -106,10 +104,10 @@ class KVPressVQAPipeline(Pipeline):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = get_adapter(self.model)
-        if self.adapter.family not in VISION_FAMILIES:
+        if getattr(self.model.config, "vision_config", None) is None:
             raise TypeError(
-                f"kv-press-vqa needs an image-text model ({', '.join(VISION_FAMILIES)}), "
-                f"got {self.adapter.family}"
+                "kv-press-vqa needs an image-text model (one with a vision tower), got "
+                f"{type(self.model).__name__}"
             )
         if not isinstance(self.processor, ProcessorMixin) or not hasattr(self.processor, "image_processor"):
             raise TypeError("kv-press-vqa needs the model's multimodal processor: pass processor=...")

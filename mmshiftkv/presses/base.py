@@ -294,14 +294,17 @@ class BudgetedPress:
             n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
             self._record(adapter.ordinal(module), n_tokens, None, None, held, held)
             return
-        adapter.verify_rotation(module, hidden_states, keys, self.state.positions)
         n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
         ordinal = adapter.ordinal(module)
+        before = keys.nbytes + values.nbytes
+        if not self.asks_compression:
+            self._record(ordinal, n_tokens, None, None, before, before)
+            return
+        adapter.verify_rotation(module, hidden_states, keys, self.state.positions)
         scores = None
         if self.allocator is not None and self.allocator.needs_scores:
             scores = self.masked_scores(module, hidden_states, keys, values, attentions, kwargs)
         counts = self.kept_counts(ordinal, n_tokens, scores)
-        before = keys.nbytes + values.nbytes
         if bool((counts >= n_tokens[:, None]).all()):
             self._record(ordinal, n_tokens, counts, None, before, before)
             return
@@ -384,6 +387,20 @@ class BudgetedPress:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         key_mask = padding_mask(kwargs.get("attention_mask"))
+        if cache is None and self.asks_compression:
+            misplaced = [
+                name
+                for name, value in kwargs.items()
+                if ("cache" in name or "past_key" in name)
+                and value is not None
+                and not isinstance(value, bool | torch.Tensor)
+            ]
+            if misplaced:
+                raise UnsupportedCacheError(
+                    f"{type(self).__name__} compresses a transformers Cache, not the "
+                    f"{type(kwargs[misplaced[0]])} "
+                    f"given as {misplaced[0]}= (legacy tuple caches are not supported: pass DynamicCache())"
+                )
         self._forward = _Forward(
             cache=cache,
             prefill=cache is not None and past == 0,

@@ -1,0 +1,100 @@
+"""Print the README's supported models x presses table, measured on the tiny offline models.
+
+    python scripts/models_table.py > /tmp/table.md
+
+Every family of :mod:`mmshiftkv.models.tiny` runs ``generate`` on a left-padded batch of two image
+(or text) prompts under every press at a budget of 8 tokens per KV head; a cell is ✓ when the
+press compressed every KV-holding layer to the budget (sliding-window layers keep their window) and
+FullKV equals plain ``generate``, else it names the error. Families the library refuses are listed
+with the reason their ``UnsupportedModelError`` gives.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import QUESTION, make_inputs  # noqa: E402
+
+from mmshiftkv.models import (  # noqa: E402
+    UnsupportedModelError,
+    get_adapter,
+    tiny,  # noqa: E402
+)
+from mmshiftkv.presses import PRESSES, FullKVPress, ShiftKVPress  # noqa: E402
+
+BUDGET = 8
+
+
+def rope_kind(adapter, inputs_positions: torch.Tensor) -> str:
+    parts = ["M-RoPE" if inputs_positions.dim() == 3 else "RoPE"]
+    if adapter.rotation_style == "pairwise":
+        parts.append("pairwise")
+    if any(getattr(m, "sliding_window", None) for m in adapter.attention_modules):
+        parts.append("sliding layers")
+    if adapter.n_layers < len(adapter.decoder.layers):
+        parts.append(f"{adapter.n_layers}/{len(adapter.decoder.layers)} layers hold KV")
+    return ", ".join(parts)
+
+
+def row(family: str) -> str:
+    model, processor = tiny.build_tiny_model(family)
+    adapter = get_adapter(model)
+    inputs = make_inputs(family, processor, [QUESTION, "Short?"])
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with FullKVPress()(model), torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    cells = ["✓" if torch.equal(plain, full) else "differs"]
+    positions: list[torch.Tensor] = []
+    for press_cls in PRESSES.values():
+        if press_cls is FullKVPress:
+            continue
+        extra = {"n_proxies": 64, "n_groups": 8} if press_cls is ShiftKVPress else {}
+        press = press_cls(budget=BUDGET, **extra)
+        hook = adapter.rotary_emb.register_forward_pre_hook(
+            lambda m, a, kw: positions.append(a[1] if len(a) > 1 else kw["position_ids"]), with_kwargs=True
+        )
+        try:
+            with press(model), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            windowed = {m.layer_idx for m in adapter.attention_modules if getattr(m, "sliding_window", None)}
+            expected = torch.tensor(press.stats.prompt_tokens).clamp(max=BUDGET)
+            ok = all(
+                torch.equal(press.stats.kept[i], expected[:, None].expand_as(press.stats.kept[i]))
+                for i, m in enumerate(adapter.attention_modules)
+                if m.layer_idx not in windowed
+            )
+            cells.append("✓" if ok else "budget off")
+        except Exception as error:  # the table reports failures instead of stopping
+            cells.append(f"{type(error).__name__}")
+        finally:
+            hook.remove()
+    cls = type(model).__name__
+    return f"| {family} (`{cls}`) | {rope_kind(adapter, positions[0])} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    names = [name for name, cls in PRESSES.items() if cls is not FullKVPress]
+    print("| family (class) | positions | FullKV | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for family in tiny.FAMILIES:
+        print(row(family), flush=True)
+    for family in getattr(tiny, "REFUSED_FAMILIES", ()):
+        model, _ = tiny.build_tiny_model(family)
+        try:
+            get_adapter(model)
+            reason = "accepted (unexpected)"
+        except UnsupportedModelError as error:
+            reason = str(error).split(": ", 1)[1].split(". Presses need")[0]
+        print(f"| {family} (`{type(model).__name__}`) | refused: {reason} |" + " |" * (len(names) + 1))
+
+
+if __name__ == "__main__":
+    main()
