@@ -433,3 +433,113 @@ def test_demo_table_explains_the_presses_that_lose_the_image(capsys) -> None:
     assert len(why) == 2
     assert why[0].startswith("why: SnapKV always keeps its observation window, the last 32 prompt tokens")
     assert why[1].startswith("why: StreamingLLM keeps 4 sink tokens and the most recent ones")
+
+
+# --------------------------------------------------------------------------------------------------
+# README "Evaluate on your own or offline data", and one-line setup errors
+# --------------------------------------------------------------------------------------------------
+
+#: The README's command, with ``$(python -c ...)`` standing for the embedded checkpoint's folder.
+README_EVAL_COMMAND = """mmshiftkv eval --model CHECKPOINT \\
+    --tasks chartqa --dataset-id chartqa=my-chartqa \\
+    --presses full,shiftkv,snapkv --budgets 32,64 --max-new-tokens 8 \\
+    --output-dir my-chartqa-eval --no-plot"""
+
+
+def _readme_chart_folder() -> None:
+    """The README's Python block: three chart questions as a local ChartQA folder (in the cwd)."""
+    import datasets
+    from PIL import Image, ImageDraw
+
+    def bar_chart(values: list[int]) -> Image.Image:
+        image = Image.new("RGB", (224, 112), "white")
+        draw = ImageDraw.Draw(image)
+        for i, value in enumerate(values):
+            draw.rectangle([20 + 60 * i, 100 - value, 60 + 60 * i, 100], fill="steelblue")
+            draw.text((30 + 60 * i, 88 - value), str(value), fill="black")
+        return image
+
+    rows = {
+        "question": [
+            "What is the value of the first bar?",
+            "Which bar is the tallest?",
+            "What is the sum of the bars?",
+        ],
+        "answer": ["30", "2", "150"],
+        "type": ["human_test", "human_test", "augmented_test"],
+        "image": [bar_chart([30, 80, 40]), bar_chart([20, 70, 10]), bar_chart([50, 60, 40])],
+    }
+    folder = Path("my-chartqa/data")
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+
+
+def test_readme_offline_evaluation_of_a_local_folder_runs_as_documented(tmp_path, monkeypatch) -> None:
+    import shlex
+
+    from mmshiftkv.grounding import load_grounding_model
+    from mmshiftkv.grounding.model import CHECKPOINT_DIR
+
+    monkeypatch.chdir(tmp_path)
+    _readme_chart_folder()
+    command = README_EVAL_COMMAND.replace("CHECKPOINT", str(CHECKPOINT_DIR)).replace("\\\n", " ")
+    command = shlex.split(command)
+    assert command[0] == "mmshiftkv"
+    assert mmshiftkv_main([*command[1:], "--cache-dir", str(tmp_path / "cache")]) == 0
+
+    out = tmp_path / "my-chartqa-eval"
+    rows = [line.strip("| ").split(" | ")[:2] for line in (out / "table.md").read_text().splitlines()[2:]]
+    assert rows == [
+        ["FullKV", "-"],
+        ["MM-ShiftKV", "32"],
+        ["SnapKV", "32"],
+        ["MM-ShiftKV", "64"],
+        ["SnapKV", "64"],
+    ]
+    assert {r["num_samples"] for r in json.loads((out / "results.json").read_text())["results"]} == {3}
+
+    # FullKV's stored answers are what a plain generate gives on the same prompts
+    model, processor = load_grounding_model()
+    import datasets
+
+    table = datasets.load_dataset("my-chartqa", split="test", cache_dir=str(tmp_path / "cache2"))
+    expected = []
+    for row in table:
+        question = row["question"] + CHARTQA_POST_PROMPT
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        inputs = processor(images=[row["image"].convert("RGB")], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        expected.append(answer.split("\n\n")[0].strip())
+    assert predictions(out)[("chartqa", "full")] == dict(enumerate(expected))
+
+
+def test_eval_setup_errors_are_one_line_without_traceback(tmp_path, capsys) -> None:
+    folder = write_task_datasets(tmp_path / "data", 1, tasks=["chartqa"])["chartqa"]
+    missing = tmp_path / "no-such-folder"
+    cases = [
+        (
+            ["--model", "unused", "--dataset-id", f"chartqa={missing}"],
+            [
+                f"mmshiftkv eval: error: cannot load ChartQA (chartqa) from '{missing}', split 'test': ",
+                "FileNotFoundError",
+                "--dataset-id chartqa=FOLDER with FOLDER/data/test-00000-of-00001.parquet holding the "
+                "columns question, answer, type, image",
+            ],
+        ),
+        (
+            ["--model", str(tmp_path / "no-model"), "--dataset-id", f"chartqa={folder}"],
+            [f"mmshiftkv eval: error: cannot load the model '{tmp_path / 'no-model'}': ", "save_pretrained"],
+        ),
+    ]
+    capsys.readouterr()  # the folder's parquet progress bar
+    for number, (extra, fragments) in enumerate(cases):
+        args = ["eval", "--tasks", "chartqa", "--presses", "full", "--no-plot", *extra]
+        args += ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / f"out{number}")]
+        assert mmshiftkv_main(args) == 1
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]  # after the datasets progress bars, if any
+        assert "Traceback" not in err and line.startswith(fragments[0]), err
+        assert all(fragment in line for fragment in fragments[1:]), err
