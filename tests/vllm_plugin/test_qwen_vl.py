@@ -1,4 +1,4 @@
-"""Qwen2.5-VL with images: vLLM + press equals transformers + the same press (M-RoPE stays logical)."""
+"""Qwen2-VL and Qwen2.5-VL with images: vLLM + press equals transformers + the same press."""
 
 from __future__ import annotations
 
@@ -37,19 +37,29 @@ def requests(processor) -> list[tuple[str, Image.Image]]:
 
 
 @pytest.fixture(scope="module")
-def qwen25_vl(model_dirs):
+def vl_models(model_dirs):
+    """Per family: the saved folder, the transformers model and its processor (loaded once)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder = model_dirs("qwen2.5-vl")
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    return folder, model, AutoProcessor.from_pretrained(folder)
+    loaded = {}
+
+    def load(family: str):
+        if family not in loaded:
+            folder = model_dirs(family)
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+            loaded[family] = folder, model, AutoProcessor.from_pretrained(folder)
+        return loaded[family]
+
+    return load
 
 
-@pytest.mark.parametrize("press_name", ["shiftkv", "snapkv"])
-def test_press_with_images_matches_transformers(qwen25_vl, press_name):
+@pytest.mark.parametrize(
+    ("family", "press_name"), [("qwen2.5-vl", "shiftkv"), ("qwen2.5-vl", "snapkv"), ("qwen2-vl", "shiftkv")]
+)
+def test_press_with_images_matches_transformers(vl_models, family, press_name):
     from vllm import SamplingParams
 
-    folder, model, processor = qwen25_vl
+    folder, model, processor = vl_models(family)
     batch = requests(processor)
     with engine(folder, press_name, limit_mm_per_prompt={"image": 1, "video": 0}) as llm:
         outputs = llm.generate(
