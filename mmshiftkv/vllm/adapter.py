@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmshiftkv.models.adapter import ModelAdapter
+from mmshiftkv.models.adapter import ModelAdapter, RotationStyle
 
 
 @dataclass
@@ -61,11 +61,14 @@ class VLLMAdapter:
         Query and KV heads per layer on this rank.
     n_layers : int
         Decoder layers holding a KV cache.
+    rotation_style : {"half", "pairwise"}
+        How the model's rotary embedding pairs features (vLLM's ``is_neox_style``: half).
     """
 
     n_heads: int
     n_kv_heads: int
     n_layers: int
+    rotation_style: RotationStyle = "half"
 
     # The positions of future decode queries follow the prompt's positions the same way in both
     # engines (max + 1 over every M-RoPE axis): reuse the library's rule rather than restate it.
@@ -100,3 +103,25 @@ class VLLMAdapter:
         # vLLM's M-RoPE asserts a key is given; the queries themselves serve (the copy is dropped).
         rotated, _ = attention.module.rotary_emb.forward_native(flat_positions, flat, flat.clone())
         return rotated.reshape(n, heads, head_dim).transpose(0, 1)[None]
+
+    def rotary_cos_sin(
+        self, like: torch.Tensor, positions: torch.Tensor, attention: AttentionView | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the layer's rotary embedding at ``positions``, ``(1, n, rotary_dim)``.
+
+        In transformers' layout, which :func:`mmshiftkv.models.adapter.rotate` reads for both
+        rotation styles: two copies of the frequencies back to back (vLLM's cache holds each once).
+        """
+        if attention is None:
+            raise ValueError("VLLMAdapter.rotary_cos_sin needs the attention layer (its rotary embedding)")
+        rotary = attention.module.rotary_emb
+        flat_positions = positions[:, 0] if positions.dim() == 3 else positions[0]
+        cos, sin = rotary.cos_sin_cache.to(like.device, like.dtype)[flat_positions].chunk(2, dim=-1)
+        if flat_positions.dim() == 2:
+            if getattr(rotary, "mrope_interleaved", False):
+                raise ValueError("VLLMAdapter.rotary_cos_sin: interleaved M-RoPE is not supported")
+            # Each feature block takes the position of its own axis (temporal, height, width).
+            section = rotary.mrope_section
+            cos = torch.cat([part[i] for i, part in enumerate(cos.split(section, dim=-1))], dim=-1)
+            sin = torch.cat([part[i] for i, part in enumerate(sin.split(section, dim=-1))], dim=-1)
+        return torch.cat([cos, cos], dim=-1)[None], torch.cat([sin, sin], dim=-1)[None]

@@ -21,9 +21,8 @@ from mmshiftkv.presses import PRESSES, BudgetedPress
 CONFIG_KEY = "mmshiftkv"
 
 #: Presses whose scoring uses only what :class:`~mmshiftkv.vllm.adapter.VLLMAdapter` offers (queries,
-#: RoPE at any position, future positions). ExpectedAttention also needs the rotary cos/sin tables in
-#: transformers' layout and is not offered here; FullKV compresses nothing.
-VLLM_PRESSES = ("shiftkv", "snapkv", "streaming_llm", "keydiff", "last_attn")
+#: RoPE and its cos/sin at any position, future positions); FullKV compresses nothing.
+VLLM_PRESSES = ("shiftkv", "snapkv", "streaming_llm", "keydiff", "last_attn", "expected_attention")
 
 
 class EngineConfigError(ValueError):

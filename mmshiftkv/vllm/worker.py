@@ -180,7 +180,12 @@ class Compactor:
                 "attention layers; this model's structure is not supported"
             )
         first = next(iter(views))
-        adapter = VLLMAdapter(n_heads=first.num_heads, n_kv_heads=first.num_kv_heads, n_layers=len(views))
+        adapter = VLLMAdapter(
+            n_heads=first.num_heads,
+            n_kv_heads=first.num_kv_heads,
+            n_layers=len(views),
+            rotation_style="half" if first.rotary_emb.is_neox_style else "pairwise",
+        )
         return cls(config=config, block_size=block_size, views=views, adapter=adapter)
 
     # ------------------------------------------------------------------ steps

@@ -40,7 +40,7 @@ def test_plugin_is_registered_as_a_general_plugin():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"press": "expected_attention", "budget": 8}, "unsupported press"),
+        ({"press": "full", "budget": 8}, "unsupported press"),
         ({"press": "shiftkv", "budget": 0}, "budget must be an int >= 1"),
         ({"press": "shiftkv", "budget": 8, "press_kwargs": {"allocator": None}}, "uniform absolute budgets"),
         ({"press": "shiftkv", "budget": 8, "press_kwargs": {"tau": 2.0}}, "cannot build 'shiftkv'"),

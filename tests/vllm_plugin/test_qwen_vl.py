@@ -54,7 +54,13 @@ def vl_models(model_dirs):
 
 
 @pytest.mark.parametrize(
-    ("family", "press_name"), [("qwen2.5-vl", "shiftkv"), ("qwen2.5-vl", "snapkv"), ("qwen2-vl", "shiftkv")]
+    ("family", "press_name"),
+    [
+        ("qwen2.5-vl", "shiftkv"),
+        ("qwen2.5-vl", "snapkv"),
+        ("qwen2.5-vl", "expected_attention"),  # M-RoPE cos/sin tables read from vLLM's rotary cache
+        ("qwen2-vl", "shiftkv"),
+    ],
 )
 def test_press_with_images_matches_transformers(vl_models, family, press_name):
     from vllm import SamplingParams

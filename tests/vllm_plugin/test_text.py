@@ -69,7 +69,9 @@ def test_engine_without_press_matches_transformers(qwen2):
         assert served[str(i)] == transformers_generate(model, prompt, None)[0]
 
 
-@pytest.mark.parametrize("press_name", ["shiftkv", "snapkv", "streaming_llm", "keydiff"])
+@pytest.mark.parametrize(
+    "press_name", ["shiftkv", "snapkv", "streaming_llm", "keydiff", "expected_attention", "last_attn"]
+)
 def test_press_matches_transformers_and_returns_blocks(qwen2, press_name):
     folder, model = qwen2
     batch = prompts()
