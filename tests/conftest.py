@@ -43,7 +43,8 @@ def make_inputs(family: str, processor, questions: list[str], image_seeds: list[
         )
         for q in questions
     ]
-    images = [synthetic_image(seed) for seed in image_seeds]
+    # One list of images per prompt: every processor accepts it (SmolVLM and Gemma 3 require it).
+    images = [[synthetic_image(seed)] for seed in image_seeds]
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 

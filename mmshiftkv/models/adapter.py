@@ -24,7 +24,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-RotationStyle = Literal["half", "pairwise"]
+#: "half": features (i, i + d/2) rotate together, cos/sin laid out as cat(f, f) (Llama, Qwen);
+#: "pairwise": features (2i, 2i+1) rotate together, cos/sin laid out as cat(f, f) (GLM-4, transformers
+#: < 5.20); "interleaved": pairwise, cos/sin already laid out as (f0, f0, f1, f1, ...) (GLM-4V, 5.24).
+RotationStyle = Literal["half", "pairwise", "interleaved"]
 
 #: Relative error under which a candidate rotation counts as reproducing the model's keys. Wrong
 #: rules are off by O(1); fp32 re-computation agrees to ~1e-6, bf16 to ~1e-2.
@@ -49,15 +52,16 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RotationStyle) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` features of ``states``; the rest pass unchanged.
 
-    ``cos``/``sin`` broadcast against ``states[..., :rotary_dim]`` and are laid out as transformers'
-    rotary embeddings return them: two copies of the frequencies back to back. Pairwise rotation
-    (GLM-4) pairs features ``(2i, 2i+1)`` and so uses each frequency twice in a row.
+    ``cos``/``sin`` broadcast against ``states[..., :rotary_dim]``; see :data:`RotationStyle` for
+    the layouts. Pairwise rotation (GLM-4) pairs features ``(2i, 2i+1)`` and so uses each frequency
+    twice in a row.
     """
     rotary_dim = cos.shape[-1]
     rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
     if style == "pairwise":
         cos = cos[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
         sin = sin[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
+    if style in ("pairwise", "interleaved"):
         rotated = rotated * cos + rotate_pairs(rotated) * sin
     else:
         rotated = rotated * cos + rotate_half(rotated) * sin
@@ -115,7 +119,7 @@ class ModelAdapter:
         The ``self_attn`` modules of the layers that hold a KV cache, in layer order.
     family : str
         The text config's ``model_type`` (for messages and tables).
-    rotation_style : {"half", "pairwise"} or None
+    rotation_style : {"half", "pairwise", "interleaved"} or None
         How the model rotates features, set by :meth:`verify_rotation` (None until measured).
     """
 
@@ -267,7 +271,7 @@ class ModelAdapter:
             cos, sin = self.rotary_cos_sin(raw, positions[..., -n:], attention)
             target = cached_keys[:, :, -n:].float()
             errors = {}
-            for style in ("half", "pairwise"):
+            for style in ("half", "pairwise", "interleaved"):
                 rotated = rotate(raw, cos.float().unsqueeze(1), sin.float().unsqueeze(1), style)
                 errors[style] = float((rotated - target).norm() / target.norm().clamp(min=1e-12))
         style, error = min(errors.items(), key=lambda item: item[1])

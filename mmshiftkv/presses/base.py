@@ -291,8 +291,9 @@ class BudgetedPress:
             # Sliding-window layers keep their own window (at most `sliding_window` tokens): decoding
             # past the window over a compressed layer would not match the model's semantics.
             held = keys.nbytes + values.nbytes
-            n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
-            self._record(adapter.ordinal(module), n_tokens, None, None, held, held)
+            n_tokens = self.state.n_tokens(batch, hidden_states.shape[1], keys.device)
+            kept = n_tokens.clamp(max=seq_len)[:, None].expand(-1, adapter.n_kv_heads)
+            self._record(adapter.ordinal(module), n_tokens, kept, None, held, held)
             return
         n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
         ordinal = adapter.ordinal(module)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmshiftkv.models.adapter import rotate
 from mmshiftkv.presses.attention import mean_over_query_groups
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.validation import check_bool, check_int, check_real
@@ -55,19 +56,22 @@ class ExpectedAttentionPress(BudgetedPress):
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
-    def averaged_rotation(self, like: torch.Tensor) -> torch.Tensor:
-        """``mean_p R(p)`` over the future positions, ``(batch, head_dim, head_dim)`` float32."""
+    def averaged_rotation(self, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """``mean_p R(p)`` over the future positions, ``(batch, head_dim, head_dim)`` float32.
+
+        ``R(p) x`` is linear in the rotary embedding's cos/sin, so the mean rotation is the rotation
+        by the mean cos/sin, built by rotating the unit vectors with the model's own rule (half or
+        pairwise, partial rotary included).
+        """
         adapter, positions = self.state.adapter, self.state.positions
         offsets = torch.arange(self.n_future_positions, device=like.device)
-        cos, sin = adapter.rotary_cos_sin(like.float(), adapter.future_positions(positions, offsets))
-        cos, sin = cos.float().mean(1), sin.float().mean(1)
-        head_dim = cos.shape[-1]
-        half = head_dim // 2
-        # R(p) x = cos * x + sin * rotate_half(x); rotate_half(x) = P x with P = [[0, -I], [I, 0]].
-        swap = torch.zeros(head_dim, head_dim, device=like.device)
-        swap[half:, :half] = torch.eye(half, device=like.device)
-        swap[:half, half:] = -torch.eye(half, device=like.device)
-        return torch.diag_embed(cos) + sin[..., None] * swap
+        future = adapter.future_positions(positions, offsets)
+        cos, sin = adapter.rotary_cos_sin(like.float(), future, module)
+        cos, sin = cos.float().mean(1, keepdim=True), sin.float().mean(1, keepdim=True)
+        head_dim = like.shape[-1]
+        basis = torch.eye(head_dim, device=like.device).expand(cos.shape[0], head_dim, head_dim)
+        # Row j of the rotated basis is R e_j, the j-th column of R.
+        return rotate(basis, cos, sin, adapter.rotation_style or "half").transpose(-1, -2)
 
     def score(
         self,
@@ -96,7 +100,7 @@ class ExpectedAttentionPress(BudgetedPress):
         weights = stat_tokens[:, None, :, None].float()
         count = weights.sum(2, keepdim=True)
         raw_mean = (queries * weights).sum(2, keepdim=True) / count
-        rotation = self.averaged_rotation(queries)[:, None]
+        rotation = self.averaged_rotation(queries, module)[:, None]
         mean = torch.matmul(raw_mean, rotation.transpose(-1, -2)).squeeze(2)
 
         q_heads = queries.shape[1]
