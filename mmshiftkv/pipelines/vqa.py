@@ -28,6 +28,7 @@ class VQARequest:
     images: list[Image.Image]
     questions: list[str]
     source: str = ""
+    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class VQAAnswer:
 
     answers: list[str]
     prompt_tokens: int
+    #: Image and video placeholder tokens of the prompt (the visual tokens the model attends to).
     image_tokens: int
     kept_per_head: list[list[int]] = field(default_factory=list)
     cache_bytes_before: int = 0
@@ -61,7 +63,21 @@ def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
     raise TypeError(f"images must be PIL images or file paths, got {type(image).__name__}")
 
 
-def build_requests(images: Any, question: str | None, questions: list[str] | None) -> list[VQARequest]:
+def load_video(video: Any) -> Any:
+    """A video as the processors take it: a list of PIL frames or a ``(frames, height, width, 3)`` array."""
+    if isinstance(video, (list, tuple)) and video and all(isinstance(frame, Image.Image) for frame in video):
+        return [frame.convert("RGB") for frame in video]
+    if hasattr(video, "shape") and len(video.shape) == 4 and video.shape[-1] == 3:
+        return video
+    raise TypeError(
+        "a video must be a list of PIL frames or a (frames, height, width, 3) array, got "
+        f"{type(video).__name__}"
+    )
+
+
+def build_requests(
+    images: Any, question: str | None, questions: list[str] | None, videos: Any = None
+) -> list[VQARequest]:
     """Normalise the pipeline's inputs and reject bad ones with clear errors."""
     if question is not None and questions is not None:
         raise ValueError("pass either question=... or questions=[...], not both")
@@ -73,10 +89,27 @@ def build_requests(images: Any, question: str | None, questions: list[str] | Non
     for text in asked:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"questions must be non-empty strings, got {text!r}")
-    if images is None or (isinstance(images, (list, tuple)) and not images):
-        raise ValueError("no image given: this pipeline answers questions about images (images=...)")
-    image_list = list(images) if isinstance(images, (list, tuple)) else [images]
-    return [VQARequest(images=[load_image(image) for image in image_list], questions=asked)]
+    no_images = images is None or (isinstance(images, (list, tuple)) and not images)
+    no_videos = videos is None or (isinstance(videos, (list, tuple)) and not videos)
+    if no_images and no_videos:
+        raise ValueError(
+            "no image or video given: this pipeline answers questions about images (images=...) or videos "
+            "(videos=...)"
+        )
+    image_list = [] if no_images else list(images) if isinstance(images, (list, tuple)) else [images]
+    if no_videos:
+        video_list = []
+    elif isinstance(videos, (list, tuple)) and not all(isinstance(frame, Image.Image) for frame in videos):
+        video_list = list(videos)  # several videos
+    else:
+        video_list = [videos]  # one video: a list of frames or an array
+    return [
+        VQARequest(
+            images=[load_image(image) for image in image_list],
+            questions=asked,
+            videos=[load_video(video) for video in video_list],
+        )
+    ]
 
 
 class KVPressVQAPipeline(Pipeline):
@@ -149,6 +182,7 @@ class KVPressVQAPipeline(Pipeline):
         images: Any = None,
         question: str | None = None,
         questions: list[str] | None = None,
+        videos: Any = None,
         press: BudgetedPress | None = None,
         max_new_tokens: int = 64,
         batch_size: int | None = None,
@@ -161,15 +195,16 @@ class KVPressVQAPipeline(Pipeline):
         size = 1 if size is None else size
         check_int(size, "batch_size", minimum=1)
         if requests is None:
-            parsed = build_requests(images, question, questions)
+            parsed = build_requests(images, question, questions, videos)
             return self._answer(parsed, press, max_new_tokens)[0].as_dict()
-        if images is not None or question is not None or questions is not None:
-            raise ValueError("pass either a list of requests or images=/question=, not both")
+        if any(arg is not None for arg in (images, question, questions, videos)):
+            raise ValueError("pass either a list of requests or images=/videos=/question=, not both")
         parsed = []
         for request in requests if isinstance(requests, (list, tuple)) else [requests]:
             if not isinstance(request, dict):
                 raise TypeError(f"each request must be a dict with images and question(s), got {request!r}")
-            parsed += build_requests(request.get("images"), request.get("question"), request.get("questions"))
+            fields = ("images", "question", "questions", "videos")
+            parsed += build_requests(*(request.get(name) for name in fields))
         answers: list[VQAAnswer] = []
         for start in range(0, len(parsed), size):
             answers += self._answer(parsed[start : start + size], press, max_new_tokens)
@@ -185,7 +220,8 @@ class KVPressVQAPipeline(Pipeline):
         return answer.as_dict()
 
     def prompt_text(self, request: VQARequest, question: str) -> str:
-        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": question}]
+        content = [{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
+        content.append({"type": "text", "text": question})
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True
         )
@@ -193,8 +229,12 @@ class KVPressVQAPipeline(Pipeline):
     def encode(self, requests: list[VQARequest], texts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
-        images = [image for request in requests for image in request.images]
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        media: dict[str, Any] = {}
+        if any(request.images for request in requests):
+            media["images"] = [request.images for request in requests]  # one list per prompt
+        if any(request.videos for request in requests):
+            media["videos"] = [video for request in requests for video in request.videos]
+        inputs = self.processor(**media, text=texts, return_tensors="pt", padding=True)
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
     def _answer(
@@ -253,14 +293,21 @@ class KVPressVQAPipeline(Pipeline):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         token_bytes = 2 * head_dim * self.model.dtype.itemsize
         prompt_tokens = stats.prompt_tokens[sample]
-        image_token = getattr(self.model.config, "image_token_id", None)
-        if image_token is None:
-            image_token = self.model.config.image_token_index
+        config = self.model.config
+        media_tokens = [
+            token
+            for token in (
+                getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None),
+                getattr(config, "video_token_id", None) or getattr(config, "video_token_index", None),
+            )
+            if token is not None
+        ]
+        ids = inputs["input_ids"][sample]
         kept = stats.kept[:, sample, :]
         return VQAAnswer(
             answers=answers,
             prompt_tokens=prompt_tokens,
-            image_tokens=int((inputs["input_ids"][sample] == image_token).sum()),
+            image_tokens=sum(int((ids == token).sum()) for token in media_tokens),
             kept_per_head=kept.tolist(),
             cache_bytes_before=prompt_tokens * self.adapter.n_layers * self.adapter.n_kv_heads * token_bytes,
             cache_bytes_after=int(kept.sum()) * token_bytes,
