@@ -32,7 +32,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from mmshiftkv.allocators.base import Allocator
-from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache
+from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache, make_crop_atomic
 from mmshiftkv.models.adapter import ModelAdapter, get_adapter
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.validation import check_real
@@ -314,6 +314,7 @@ class BudgetedPress:
         indices, lengths = select_kept_indices(scores, counts, self.state.key_mask)
         compressed = CompressedLayer.from_selection(keys, values, indices, lengths, reader=self._model)
         cache.layers[layer_idx] = compressed
+        make_crop_atomic(cache)
         self._record(ordinal, n_tokens, lengths, indices, before, compressed.nbytes)
 
     def masked_scores(
