@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -126,3 +127,31 @@ def test_preempted_requests_are_compacted_again(qwen2):
             generated = record.tokens - record.prompt_len
             assert record.blocks == math.ceil((BUDGET + generated) / BLOCK_SIZE), record
     assert all(in_use == held for in_use, held in usage)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU workers need two cores")
+def test_tensor_parallel_workers_each_compact_their_heads(qwen2, monkeypatch):
+    from vllm import SamplingParams
+
+    folder, model = qwen2
+    batch = prompts()[:3]
+    # Two worker processes (the plugin loads there through its entry point), one core each.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    options = dict(tensor_parallel_size=2, distributed_executor_backend="mp", max_model_len=BATCH_TOKENS)
+    with engine(folder, "shiftkv", max_num_batched_tokens=BATCH_TOKENS, **options) as llm:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in batch], SamplingParams(max_tokens=8, temperature=0)
+        )
+        per_rank = llm.collective_rpc(lambda worker: worker.model_runner.mmshiftkv_compactor.selections)
+        history = history_of(llm)
+    for output, prompt in zip(outputs, batch):
+        tokens, stats = transformers_generate(model, prompt, "shiftkv")
+        assert list(output.outputs[0].token_ids) == tokens[:8]
+        (req_id,) = [r for r in per_rank[0] if r.split("-")[0] == output.request_id]
+        for layer in per_rank[0][req_id]:
+            # Rank r holds KV head r of the two: together they kept what transformers kept.
+            kept = torch.cat([rank[req_id][layer] for rank in per_rank])
+            assert torch.equal(kept, stats.indices[layer][0, :, :BUDGET])
+        for record in history[output.request_id]:
+            generated = record.tokens - record.prompt_len
+            assert record.blocks == math.ceil((BUDGET + generated) / BLOCK_SIZE)
