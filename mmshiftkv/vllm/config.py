@@ -43,8 +43,8 @@ class VLLMPressConfig:
     press_kwargs : dict, optional
         Further keyword arguments of the press class (``{"gamma": 10, "tau": 0.95}``).
     record_selection : bool, default=False
-        Keep each compressed request's kept token indices on the worker (for tests and analysis;
-        it holds ``layers * kv_heads * budget`` integers per request until read).
+        Keep each compressed request's kept token indices on the worker, for the engine's lifetime
+        (``layers * kv_heads * budget`` integers per request: for tests and analysis, not serving).
     """
 
     press: str

@@ -128,8 +128,6 @@ class BlockLedger:
             return
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
-            if request.num_computed_tokens == 0:
-                self.shifts.pop(req_id, None)
             if compacts(request.num_computed_tokens, n, request.num_prompt_tokens, self.budget):
                 shift = request.num_prompt_tokens - self.budget
                 self._pending[req_id] = (shift, n - shift)

@@ -119,10 +119,10 @@ class Compactor:
         self.press = self.config.build_press()
         self.plan: list[PromptCompaction] = []
         self._inputs: dict[int, _LayerInput] = {}
-        self._hooks = []
+        # The hooks live as long as the engine's model.
         for view in self.views.values():
-            self._hooks.append(view.module.register_forward_pre_hook(self._capture_input, with_kwargs=True))
-            self._hooks.append(view.module.attn.register_forward_hook(self._compact_layer))
+            view.module.register_forward_pre_hook(self._capture_input, with_kwargs=True)
+            view.module.attn.register_forward_hook(self._compact_layer)
         self._by_attn = {view.module.attn: view for view in self.views.values()}
 
     @classmethod
