@@ -26,6 +26,7 @@ def prompt_query_attention(
     positions: torch.Tensor,
     key_mask: torch.Tensor | None,
     n_queries: int,
+    visibility: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the last ``n_queries`` prompt tokens over all prompt keys, as prefill computed it.
 
@@ -41,11 +42,14 @@ def prompt_query_attention(
         ``(batch, seq_len)`` bool, True for real tokens.
     n_queries : int
         How many trailing prompt tokens act as queries.
+    visibility : torch.Tensor, optional
+        ``(batch, rows, seq_len)`` bool, the model's own visibility of the last ``rows >= n_queries``
+        queries (non-causal image attention); default causal.
 
     Returns
     -------
     probs : torch.Tensor
-        ``(batch, q_heads, n_queries, seq_len)`` float32 softmax (causal, padding excluded); rows of
+        ``(batch, q_heads, n_queries, seq_len)`` float32 softmax (as visible, padding excluded); rows of
         padding queries are zero.
     query_valid : torch.Tensor
         ``(batch, n_queries)`` bool, False for padding queries.
@@ -57,9 +61,12 @@ def prompt_query_attention(
     expanded = keys.repeat_interleave(q_heads // kv_heads, dim=1)
     logits = torch.matmul(queries.float(), expanded.float().transpose(-1, -2)) * module.scaling
 
-    query_index = torch.arange(seq_len - n_queries, seq_len, device=keys.device)
-    visible = torch.arange(seq_len, device=keys.device)[None, :] <= query_index[:, None]
-    visible = visible[None].expand(batch, -1, -1)
+    if visibility is not None and visibility.shape[1] >= n_queries and visibility.shape[2] == seq_len:
+        visible = visibility[:, -n_queries:, :].to(keys.device)
+    else:
+        query_index = torch.arange(seq_len - n_queries, seq_len, device=keys.device)
+        visible = torch.arange(seq_len, device=keys.device)[None, :] <= query_index[:, None]
+        visible = visible[None].expand(batch, -1, -1)
     if key_mask is not None:
         visible = visible & key_mask[:, None, :]
     query_valid = visible.any(-1)

@@ -107,11 +107,16 @@ class ScoringState:
     positions : torch.Tensor or None
         The positions the rotary embedding received: ``(batch, seq_len)``, or
         ``(3, batch, seq_len)`` for M-RoPE models.
+    visibility : torch.Tensor or None
+        ``(batch, rows, seq_len)`` bool: which keys each of the last ``rows`` prompt queries may
+        attend to, read off the model's own 4-D mask (image tokens attend bidirectionally in
+        Gemma 3); None when the model gave a plain causal/padding mask.
     """
 
     adapter: ModelAdapter
     key_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    visibility: torch.Tensor | None = None
 
     def n_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Real prompt tokens per sample, ``(batch,)`` int64."""
@@ -388,7 +393,8 @@ class BudgetedPress:
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        key_mask = padding_mask(kwargs.get("attention_mask"))
+        mask = kwargs.get("attention_mask")
+        key_mask = padding_mask(mask)
         if cache is None and self.asks_compression:
             misplaced = [
                 name
@@ -406,7 +412,7 @@ class BudgetedPress:
         self._forward = _Forward(
             cache=cache,
             prefill=cache is not None and past == 0,
-            state=ScoringState(adapter=self._adapter, key_mask=key_mask),
+            state=ScoringState(adapter=self._adapter, key_mask=key_mask, visibility=last_rows(mask)),
         )
         if cache is None:
             if self.asks_compression:
@@ -616,6 +622,30 @@ def padding_mask(mask: object) -> torch.Tensor | None:
     else:
         return None
     return None if bool(real.all()) else real
+
+
+#: Prompt queries whose visibility rows a press may need (SnapKV's default window is 32).
+VISIBILITY_ROWS = 64
+
+
+def last_rows(mask: object, rows: int = VISIBILITY_ROWS) -> torch.Tensor | None:
+    """``(batch, rows, kv_len)`` bool visibility of the last query rows of the widest 4-D mask, or None.
+
+    Only masks that are not plain causal matter (bidirectional image blocks); a 2-D padding mask or
+    no mask means causal attention, which the presses apply themselves.
+    """
+    if isinstance(mask, dict):
+        found = [last_rows(value, rows) for value in mask.values()]
+        found = [m for m in found if m is not None]
+        return max(found, key=lambda m: int(m.sum())) if found else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return None
+    block = mask[:, 0, -rows:, :]
+    visible = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+    q_len, kv_len = visible.shape[1], visible.shape[2]
+    query_index = torch.arange(kv_len - q_len, kv_len, device=visible.device)
+    beyond_causal = torch.arange(kv_len, device=visible.device)[None, :] > query_index[:, None]
+    return visible if bool((visible & beyond_causal).any()) else None
 
 
 def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:

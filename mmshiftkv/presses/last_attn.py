@@ -31,6 +31,13 @@ class LastAttnPress(BudgetedPress):
     ) -> torch.Tensor:
         state = self.state
         probs, _ = prompt_query_attention(
-            state.adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1
+            state.adapter,
+            module,
+            hidden_states,
+            keys,
+            state.positions,
+            state.key_mask,
+            n_queries=1,
+            visibility=state.visibility,
         )
         return mean_over_query_groups(probs[:, :, 0], keys.shape[1])

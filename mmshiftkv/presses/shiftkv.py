@@ -222,7 +222,8 @@ class ShiftKVPress(BudgetedPress):
         adapter = state.adapter
         if not self.sampling:
             last_probs, _ = prompt_query_attention(
-                adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1
+                adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1,
+                visibility=state.visibility,
             )
             return mean_over_query_groups(last_probs[:, :, 0], keys.shape[1])
 

@@ -54,7 +54,14 @@ class SnapKVPress(BudgetedPress):
         batch, kv_heads, seq_len, _ = keys.shape
         window = min(self.window_size, seq_len)
         probs, query_valid = prompt_query_attention(
-            state.adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=window
+            state.adapter,
+            module,
+            hidden_states,
+            keys,
+            state.positions,
+            state.key_mask,
+            n_queries=window,
+            visibility=state.visibility,
         )
         weights = query_valid.float() / query_valid.float().sum(-1, keepdim=True).clamp(min=1)
         observed = torch.einsum("bhqt,bq->bht", probs[..., : seq_len - window], weights)
