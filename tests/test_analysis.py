@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import QUESTION, make_inputs, tiny
 
+from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
 from mmshiftkv.presses import FullKVPress, SnapKVPress, StreamingLLMPress
 
@@ -35,12 +36,15 @@ def test_coverage_equals_a_step_by_step_recomputation():
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            cache, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
             mask = inputs["attention_mask"]
             for step in range(steps):
                 mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
                 out = model(
-                    input_ids=token, attention_mask=mask, past_key_values=cache, output_attentions=True
+                    input_ids=token,
+                    attention_mask=mask,
+                    output_attentions=True,
+                    **cache_argument(model, cache),
                 )
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 for layer, probs in enumerate(out.attentions):

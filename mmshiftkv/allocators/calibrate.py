@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from mmshiftkv.allocators.head_scores import save_head_scores
+from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.models.adapter import get_adapter
 
 OCR_PROMPT = "Provide all the OCR results of this image."
@@ -321,7 +322,7 @@ def _score_sample(
                 scores[layer] += torch.isin(top1, positions).double().cpu() / len(positions)
         outputs = model(
             input_ids=token.view(1, 1),
-            past_key_values=outputs.past_key_values,
+            **cache_argument(model, returned_cache(outputs)),
             use_cache=True,
             output_attentions=True,
         )

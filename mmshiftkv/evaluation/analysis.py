@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from mmshiftkv.cache.compat import cache_argument
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
 
@@ -131,7 +132,7 @@ def attention_coverage(
     adapter = get_adapter(model)
     seq_len = inputs["input_ids"].shape[1]
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     masks = [kept_mask(press, layer, seq_len) for layer in range(adapter.n_layers)]
 
     with eager_attention(model), torch.no_grad():

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from transformers.initialization import no_init_weights
 
+from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.runner import load_model
 from mmshiftkv.presses import PRESSES, BudgetedPress
@@ -221,7 +222,7 @@ def profile_point(
             output = model.generate(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
-                past_key_values=DynamicCache(),
+                **cache_argument(model, DynamicCache()),
                 max_new_tokens=decode_tokens,
                 min_new_tokens=decode_tokens,
                 do_sample=False,
@@ -243,7 +244,7 @@ def profile_point(
         peak_memory_bytes=peak,
         peak_memory_delta_bytes=None if peak is None else peak - memory.baseline,
         memory_method=memory.method,
-        kv_cache_bytes=kv_cache_bytes(output.past_key_values),
+        kv_cache_bytes=kv_cache_bytes(returned_cache(output)),
     )
 
 

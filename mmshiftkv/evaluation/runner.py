@@ -52,6 +52,7 @@ from mmshiftkv.allocators import (
     UniformAllocator,
 )
 from mmshiftkv.allocators.base import budget_after_window
+from mmshiftkv.cache.compat import cache_argument
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
 from mmshiftkv.evaluation.tasks import TASKS, TaskSpec, get_task
@@ -464,7 +465,10 @@ def generate_answers(
     """Greedy generation under ``press``; per sample the decoded text and the compression facts."""
     with press(model), torch.no_grad():
         output = model.generate(
-            **inputs, past_key_values=DynamicCache(), max_new_tokens=max_new_tokens, do_sample=False
+            **inputs,
+            **cache_argument(model, DynamicCache()),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
     texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     stats = press.stats
