@@ -60,7 +60,7 @@ test-rounding: $(VENV)/.installed
 
 test-vllm:
 	bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pytest tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm_plugin
 
 clean:
 	rm -rf build mmshiftkv/*.so $(VENV)/.installed $(OLDEST)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import QUESTION, make_inputs  # noqa: E402
+from conftest import ALL_FAMILIES, QUESTION, make_inputs  # noqa: E402
 
 from mmshiftkv.models import (  # noqa: E402
     UnsupportedModelError,
@@ -84,7 +84,7 @@ def main() -> None:
     names = [name for name, cls in PRESSES.items() if cls is not FullKVPress]
     print("| family (class) | positions | FullKV | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * (len(names) + 1))
-    for family in tiny.FAMILIES:
+    for family in ALL_FAMILIES:
         print(row(family), flush=True)
     for family in getattr(tiny, "REFUSED_FAMILIES", ()):
         model, _ = tiny.build_tiny_model(family)

@@ -9,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from mmshiftkv.models.tiny import FAMILIES, VISION_FAMILIES, build_tiny_model
+from mmshiftkv.models.tiny import (
+    FAMILIES,
+    NEW_TEXT_FAMILIES,
+    NEW_VISION_FAMILIES,
+    VISION_FAMILIES,
+    build_tiny_model,
+)
+
+#: Every tiny family: the structural contract tests run over all of them.
+ALL_VISION_FAMILIES = VISION_FAMILIES + NEW_VISION_FAMILIES
+ALL_FAMILIES = FAMILIES + NEW_VISION_FAMILIES + NEW_TEXT_FAMILIES
 
 QUESTION = "What is written in the picture, and which colour is the third box?"
 
@@ -32,7 +42,7 @@ def tiny(family: str, attn: str = "sdpa"):
 
 def make_inputs(family: str, processor, questions: list[str], image_seeds: list[int] | None = None) -> dict:
     """Processor inputs for one prompt per question (one image each for VLMs), left padded."""
-    if family not in VISION_FAMILIES:
+    if family not in ALL_VISION_FAMILIES:
         processor.padding_side = "left"
         return dict(processor(questions, return_tensors="pt", padding=True))
     image_seeds = image_seeds or list(range(len(questions)))

@@ -19,14 +19,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import QUESTION, make_inputs, tiny
+from conftest import ALL_FAMILIES, QUESTION, make_inputs, tiny
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mmshiftkv.cache import CompressedLayer, cache_argument
 from mmshiftkv.models import get_adapter
-from mmshiftkv.models.tiny import FAMILIES
 from mmshiftkv.presses import FullKVPress, SnapKVPress
 
 CAPTURE = "mmshiftkv_test_capture_"
@@ -45,7 +44,7 @@ AttentionInterface.register(CAPTURE + "sdpa", _capturing("sdpa"))
 AttentionMaskInterface.register(CAPTURE + "sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_adapter_rotates_queries_exactly_as_the_model(family: str):
     model, processor = tiny(family, "sdpa")
     adapter = get_adapter(model)
@@ -87,7 +86,7 @@ def test_adapter_rotates_queries_exactly_as_the_model(family: str):
         torch.testing.assert_close(ours, _QUERIES[idx], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_future_positions_are_those_generate_gives_the_decode_steps(family: str):
     model, processor = tiny(family, "sdpa")
     adapter = get_adapter(model)
@@ -114,7 +113,7 @@ def test_future_positions_are_those_generate_gives_the_decode_steps(family: str)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_budget_in_every_kv_layer_and_full_kv_equals_generate(family: str, attn: str):
     model, processor = tiny(family, attn)
     adapter = get_adapter(model)

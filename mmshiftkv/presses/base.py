@@ -393,7 +393,8 @@ class BudgetedPress:
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
+        prefill = cache is not None and past == 0
+        mask = kwargs.get("attention_mask") if prefill else None
         key_mask = padding_mask(mask)
         if cache is None and self.asks_compression:
             misplaced = [
@@ -411,7 +412,7 @@ class BudgetedPress:
                 )
         self._forward = _Forward(
             cache=cache,
-            prefill=cache is not None and past == 0,
+            prefill=prefill,
             state=ScoringState(adapter=self._adapter, key_mask=key_mask, visibility=last_rows(mask)),
         )
         if cache is None:
@@ -457,7 +458,7 @@ class BudgetedPress:
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if module is self._adapter.attention_modules[0]:
             self._prefills_seen += 1
-            if hidden_states.shape[1] > 1 and forward.state.key_mask is not None:
+            if self.asks_compression and forward.state.key_mask is not None:
                 check_left_padding(forward.state.key_mask, type(self).__name__)
         with self.scoring(forward.state):
             self.compress_layer(module, hidden_states, forward.cache, attentions, kwargs)
@@ -617,7 +618,8 @@ def padding_mask(mask: object) -> torch.Tensor | None:
     if mask.ndim == 2:
         real = mask.bool()
     elif mask.ndim == 4:
-        last_row = mask[:, 0, -1, :]
+        # At prefill the keys are the queries; further columns are empty slots of a static cache.
+        last_row = mask[:, 0, -1, : mask.shape[2]]
         real = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
     else:
         return None
@@ -640,7 +642,7 @@ def last_rows(mask: object, rows: int = VISIBILITY_ROWS) -> torch.Tensor | None:
         return max(found, key=lambda m: int(m.sum())) if found else None
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
         return None
-    block = mask[:, 0, -rows:, :]
+    block = mask[:, 0, -rows:, : mask.shape[2]]
     visible = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
     q_len, kv_len = visible.shape[1], visible.shape[2]
     query_index = torch.arange(kv_len - q_len, kv_len, device=visible.device)
