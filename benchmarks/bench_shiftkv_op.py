@@ -1,9 +1,14 @@
 """Compiled ShiftKV scoring op vs its torch reference: time and peak extra memory, printed as JSON.
 
     python benchmarks/bench_shiftkv_op.py [--device cpu|cuda] [--lengths 1024 4096 16384] [--repeats 3]
+                                          [--dtypes bfloat16 float32]
 
 Inputs have Qwen2.5-VL-7B dimensions (28 query heads, 4 KV heads, head_dim 128), N = 512 proxies in
-G = 32 groups, batch 1, bfloat16, tau = 0.95.
+G = 32 groups, batch 1, tau = 0.95, proxies spread 10x as ShiftKV's are.
+
+Agreement (the op computes in float32, the reference in float64; see shiftkv_scores' "Numerics"):
+the fraction of tokens whose vote count equals the reference's, whether the kept sets at budget 64
+are identical, and where votes agree the largest score difference in float32 ulps.
 
 Time: median wall time over ``repeats`` calls on the same inputs; op and reference calls alternate
 in one process, so machine load hits both alike.
@@ -30,19 +35,22 @@ import time
 
 import torch
 
-from mmshiftkv.ops import available, shiftkv_scores
+from mmshiftkv.ops import available, group_attention_mass, shiftkv_scores, votes_from_mass
+from mmshiftkv.presses.selection import select_kept_indices
 
 Q_HEADS, KV_HEADS, HEAD_DIM, N_PROXIES, N_GROUPS = 28, 4, 128, 512, 32
 OPTIONS = {"n_groups": N_GROUPS, "tau": 0.95, "scaling": HEAD_DIM**-0.5}
 BACKENDS = {"op": "compiled", "torch": "torch"}
 
 
-def make_inputs(seq_len: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    seq_len: int, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seq_len)
     proxies = torch.randn(1, Q_HEADS, N_PROXIES, HEAD_DIM, generator=generator) * 10.0
     keys = torch.randn(1, KV_HEADS, seq_len, HEAD_DIM, generator=generator)
     last_query = torch.randn(1, Q_HEADS, HEAD_DIM, generator=generator)
-    return tuple(t.to(device=device, dtype=torch.bfloat16) for t in (proxies, keys, last_query))
+    return tuple(t.to(device=device, dtype=dtype) for t in (proxies, keys, last_query))
 
 
 def run(backend: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -73,9 +81,9 @@ def _resident_bytes(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)) * 1024
 
 
-def measure_cpu_memory(backend: str, seq_len: int) -> int:
+def measure_cpu_memory(backend: str, seq_len: int, dtype: torch.dtype) -> int:
     """Runs in the subprocess: peak resident bytes added by one call."""
-    inputs = make_inputs(seq_len, "cpu")
+    inputs = make_inputs(seq_len, "cpu", dtype)
     run(backend, inputs)
     before = _resident_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -84,9 +92,9 @@ def measure_cpu_memory(backend: str, seq_len: int) -> int:
     return _resident_bytes("VmHWM") - before
 
 
-def peak_extra_memory(backend: str, seq_len: int, device: str) -> int:
+def peak_extra_memory(backend: str, seq_len: int, device: str, dtype: torch.dtype) -> int:
     if device == "cuda":
-        inputs = make_inputs(seq_len, device)
+        inputs = make_inputs(seq_len, device, dtype)
         run(backend, inputs)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -95,21 +103,43 @@ def peak_extra_memory(backend: str, seq_len: int, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
-    command = [sys.executable, __file__, "--measure-cpu-memory", backend, str(seq_len)]
+    command = [sys.executable, __file__, "--measure-cpu-memory", backend, str(seq_len), str(dtype)[6:]]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def op_working_set(seq_len: int) -> dict[str, int]:
+def agreement(op_scores: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> dict:
+    """How the op's scores compare with the float64 reference's votes and anchor."""
+    mass, anchor = group_attention_mass(*inputs, n_groups=N_GROUPS, scaling=OPTIONS["scaling"])
+    votes = votes_from_mass(mass, OPTIONS["tau"]).sum(dim=2).double().cpu()
+    reference = (votes + anchor.cpu()).float()
+    op = op_scores.cpu()
+    same = torch.round(op.double() - anchor.cpu()) == votes
+    # Both scores are float32 (votes + anchor): count their difference in float32 ulps of the reference.
+    ulp = torch.nextafter(reference, torch.tensor(float("inf"))) - reference
+    ulps = ((op - reference).abs() / ulp)[same]
+    return {
+        "votes_equal_fraction": round(float(same.double().mean()), 6),
+        "kept_sets_equal": bool(
+            torch.equal(select_kept_indices(op, 64)[0], select_kept_indices(reference, 64)[0])
+        ),
+        "score_max_diff_ulps": float(ulps.max()) if ulps.numel() else 0.0,
+    }
+
+
+def op_working_set(seq_len: int, dtype: torch.dtype) -> dict[str, int]:
     """The CPU op's extra memory by design (shiftkv_cpu.cpp), in bytes."""
     threads = torch.get_num_threads()
-    block_rows = min(Q_HEADS // KV_HEADS * N_PROXIES // N_GROUPS, max(8, (1 << 20) // seq_len))
+    rows_per_group = Q_HEADS // KV_HEADS * N_PROXIES // N_GROUPS
+    max_rows = min(256, max(128, (1 << 22) // seq_len))
+    block_rows = min(max_rows, max(1, max_rows // rows_per_group) * rows_per_group)
+    float32 = 4
     return {
-        "per_kv_head_masses_and_votes": KV_HEADS * ((N_GROUPS + 1) * 8 + N_GROUPS) * seq_len,
-        "one_head_float64_keys_and_proxies": seq_len * HEAD_DIM * 8
-        + Q_HEADS // KV_HEADS * N_PROXIES * HEAD_DIM * 8,
-        "per_thread_logit_blocks": threads * block_rows * seq_len * 8,
-        "output": KV_HEADS * seq_len * 4,
+        "per_kv_head_sums_and_votes": KV_HEADS * ((N_GROUPS + 1) * float32 + N_GROUPS) * seq_len,
+        "one_head_float32_keys": 0 if dtype == torch.float32 else seq_len * HEAD_DIM * float32,
+        "one_head_float32_query_rows": Q_HEADS // KV_HEADS * (N_PROXIES + 1) * HEAD_DIM * float32,
+        "per_thread_logit_blocks": threads * block_rows * seq_len * float32,
+        "output": KV_HEADS * seq_len * float32,
     }
 
 
@@ -117,38 +147,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--measure-cpu-memory", nargs=2, metavar=("BACKEND", "SEQ_LEN"), help=argparse.SUPPRESS
+        "--measure-cpu-memory", nargs=3, metavar=("BACKEND", "SEQ_LEN", "DTYPE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.measure_cpu_memory:
-        print(measure_cpu_memory(args.measure_cpu_memory[0], int(args.measure_cpu_memory[1])))
+        backend, seq_len, dtype = args.measure_cpu_memory
+        print(measure_cpu_memory(backend, int(seq_len), getattr(torch, dtype)))
         return
     if not available()[args.device]:
         raise SystemExit(f"the compiled op is not available on {args.device}: build it first")
 
     results = []
-    for seq_len in args.lengths:
-        inputs = make_inputs(seq_len, args.device)
-        times = median_times(inputs, args.device, args.repeats)
-        op_scores, torch_scores = run("op", inputs), run("torch", inputs)
-        entry = {
-            "seq_len": seq_len,
-            "op_median_s": round(times["op"], 4),
-            "torch_median_s": round(times["torch"], 4),
-            "speedup": round(times["torch"] / times["op"], 2),
-            "op_peak_extra_bytes": peak_extra_memory("op", seq_len, args.device),
-            "torch_peak_extra_bytes": peak_extra_memory("torch", seq_len, args.device),
-            "scores_equal": bool(torch.equal(op_scores, torch_scores)),
-        }
-        entry["op_extra_bytes_per_kv_head_per_token"] = round(
-            entry["op_peak_extra_bytes"] / KV_HEADS / seq_len, 1
-        )
-        if args.device == "cpu":
-            entry["op_working_set_bytes"] = op_working_set(seq_len)
-        results.append(entry)
-        print(json.dumps(entry), file=sys.stderr, flush=True)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for seq_len in args.lengths:
+            inputs = make_inputs(seq_len, args.device, dtype)
+            times = median_times(inputs, args.device, args.repeats)
+            entry = {
+                "dtype": dtype_name,
+                "seq_len": seq_len,
+                "op_median_s": round(times["op"], 4),
+                "torch_median_s": round(times["torch"], 4),
+                "speedup": round(times["torch"] / times["op"], 2),
+                "op_peak_extra_bytes": peak_extra_memory("op", seq_len, args.device, dtype),
+                "torch_peak_extra_bytes": peak_extra_memory("torch", seq_len, args.device, dtype),
+                **agreement(run("op", inputs), inputs),
+            }
+            entry["op_extra_bytes_per_kv_head_per_token"] = round(
+                entry["op_peak_extra_bytes"] / KV_HEADS / seq_len, 1
+            )
+            if args.device == "cpu":
+                entry["op_working_set_bytes"] = op_working_set(seq_len, dtype)
+            results.append(entry)
+            print(json.dumps(entry), file=sys.stderr, flush=True)
 
     report = {
         "benchmark": "shiftkv_scores: compiled op vs torch reference",
@@ -161,7 +195,6 @@ def main() -> None:
             "head_dim": HEAD_DIM,
             "n_proxies": N_PROXIES,
             "n_groups": N_GROUPS,
-            "dtype": "bfloat16",
         },
         "repeats": args.repeats,
         "results": results,
