@@ -434,6 +434,13 @@ def test_demo_table_explains_the_presses_that_lose_the_image(capsys) -> None:
     assert why[0].startswith("why: SnapKV always keeps its observation window, the last 32 prompt tokens")
     assert why[1].startswith("why: StreamingLLM keeps 4 sink tokens and the most recent ones")
 
+    # a budget above every prompt keeps the whole image: nothing to explain
+    with pytest.warns(UserWarning, match="uncompressed"):
+        assert mmshiftkv_main(["demo", "--presses", "snapkv", "--budgets", "128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "img/head= 16.0" in next(line for line in lines if line.startswith("SnapKVPress"))
+    assert not [line for line in lines if line.startswith("why: ")]
+
 
 # --------------------------------------------------------------------------------------------------
 # README "Evaluate on your own or offline data", and one-line setup errors
