@@ -68,13 +68,13 @@ def test_adapter_rotates_queries_exactly_as_the_model(family: str):
     _QUERIES.clear()
     try:
         with torch.no_grad():
-            model(**inputs, **cache_argument(model, DynamicCache()))
+            model(**inputs, **cache_argument(model, DynamicCache(config=model.config)))
     finally:
         config._attn_implementation = original
         for hook in hooks:
             hook.remove()
     prompt_positions = adapter.normalize_positions(positions[0], 1)
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(**inputs, **cache_argument(model, cache))
     for module in adapter.attention_modules:
@@ -124,7 +124,7 @@ def test_budget_in_every_kv_layer_and_full_kv_equals_generate(family: str, attn:
         full = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(plain, full)
 
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     press = SnapKVPress(budget=8, window_size=4)
     with press(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -105,7 +105,7 @@ def test_batched_requests_equal_one_by_one():
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     pipe, model, _ = vqa("qwen2.5-vl")
-    with pytest.raises(ValueError, match="no image given"):
+    with pytest.raises(ValueError, match="no image or video given"):
         pipe(images=None, question=QUESTION)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")

@@ -605,25 +605,27 @@ def padding_mask(mask: object) -> torch.Tensor | None:
     The decoder may receive a 2-D padding mask, a 4-D mask (boolean, True = visible, or additive,
     0 = visible), or a dict of those per layer type (transformers >= 5.2 pre-builds them in
     ``generate``; Gemma 3 always does). Keys the last query of the widest mask may not see are
-    padding (under left padding the last token is real and sees every real key).
+    padding (under left padding the last token is real and sees every real key; a sliding-window
+    mask, narrower, says nothing about padding).
     """
+    real = _last_row_visibility(mask)
+    return None if real is None or bool(real.all()) else real
+
+
+def _last_row_visibility(mask: object) -> torch.Tensor | None:
     if isinstance(mask, dict):
-        found = [padding_mask(value) for value in mask.values() if value is not None]
+        found = [_last_row_visibility(value) for value in mask.values()]
         found = [m for m in found if m is not None]
-        if not found:
-            return None
-        return max(found, key=lambda m: int(m.sum()))
+        return max(found, key=lambda m: int(m.sum())) if found else None
     if not isinstance(mask, torch.Tensor):
         return None
     if mask.ndim == 2:
-        real = mask.bool()
-    elif mask.ndim == 4:
+        return mask.bool()
+    if mask.ndim == 4:
         # At prefill the keys are the queries; further columns are empty slots of a static cache.
         last_row = mask[:, 0, -1, : mask.shape[2]]
-        real = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
-    else:
-        return None
-    return None if bool(real.all()) else real
+        return last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
+    return None
 
 
 #: Prompt queries whose visibility rows a press may need (SnapKV's default window is 32).
