@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="e.g. bfloat16 float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--measure-cpu-memory", nargs=3, metavar=("BACKEND", "SEQ_LEN", "DTYPE"), help=argparse.SUPPRESS

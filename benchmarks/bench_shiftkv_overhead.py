@@ -92,7 +92,7 @@ def measure(model, length: int, dtype: torch.dtype, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=1)
     args = parser.parse_args()

@@ -96,6 +96,7 @@ def plan(cpu: bool, install: bool, output_dir: Path) -> list[Step]:
         profile += ["--budget", "16", "--dtype", "float32", "--device", "cpu"]
     else:
         op_bench = ["--device", "cuda", "--lengths", "4096", "16384", "32768", "--repeats", "5"]
+        op_bench += ["--dtypes", "bfloat16", "float32"]
         decode = [
             "--device",
             "cuda",
