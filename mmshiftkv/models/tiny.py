@@ -66,6 +66,7 @@ from transformers import (
     PixtralImageProcessor,
     PixtralProcessor,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -218,7 +219,6 @@ LLAMA3_CHAT_TEMPLATE = _plain_template(
 LLAMA4_CHAT_TEMPLATE = _plain_template(
     "<|begin_of_text|>", "{{ message['role'] }}: ", "<|eot|>", "<|image|>", "assistant: "
 )
-FUYU_CHAT_TEMPLATE = _plain_template("", "", "\n", "", "")
 #: A tiny SigLIP vision tower (no pooling head), shared by the families whose encoder is SigLIP.
 _SIGLIP: dict[str, Any] = dict(
     model_type="siglip_vision_model",
@@ -331,7 +331,8 @@ def _qwen_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, An
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = processor_cls(
         image_processor=image_processor,
-        video_processor=Qwen2VLVideoProcessor(),
+        # Frames of at most 112x112 pixels: a few dozen video tokens, like the image prompts.
+        video_processor=Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}),
         tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
@@ -540,9 +541,44 @@ def _idefics3(family: str, attn_implementation: str) -> tuple[PreTrainedModel, A
     return model_cls(config), processor
 
 
+#: Qwen3-VL / Qwen3.5 vision tower: 16-pixel patches merged 2x2, so one token per 32x32 pixels.
+QWEN3_PATCH, QWEN3_MERGE = 16, 2
+QWEN3_VISION: dict[str, Any] = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=QWEN3_PATCH,
+    spatial_merge_size=QWEN3_MERGE,
+    temporal_patch_size=2,
+    out_hidden_size=64,
+    num_position_embeddings=64,
+)
+
+
+def _qwen3_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLProcessor:
+    factor = QWEN3_PATCH * QWEN3_MERGE
+    return Qwen3VLProcessor(
+        # 2 to 12 tokens per image, 4 frames of at most 4x4 tokens per video.
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=QWEN3_PATCH,
+            merge_size=QWEN3_MERGE,
+            min_pixels=2 * factor * factor,
+            max_pixels=4 * 3 * factor * factor,
+        ),
+        video_processor=Qwen3VLVideoProcessor(
+            patch_size=QWEN3_PATCH,
+            merge_size=QWEN3_MERGE,
+            size={"shortest_edge": factor * factor, "longest_edge": 4 * factor * factor * 4},
+            do_sample_frames=False,
+        ),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
 def _qwen3_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, Any]:
     tokenizer = build_tokenizer(QWEN_SPECIAL, QWEN_CHAT_TEMPLATE)
-    patch, merge = 16, 2
     text = dict(
         NEW_TEXT_SIZES,
         vocab_size=len(tokenizer),
@@ -557,18 +593,8 @@ def _qwen3_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, A
     )
     if family == "qwen3-vl-moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=merge,
-        temporal_patch_size=2,
-        out_hidden_size=64,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=[0],
-    )
+    # DeepStack: the first vision block's features are also added after decoder layer 0.
+    vision = dict(QWEN3_VISION, depth=2, deepstack_visual_indexes=[0])
     config_cls, model_cls = {
         "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
         "qwen3-vl-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
@@ -576,23 +602,7 @@ def _qwen3_vl(family: str, attn_implementation: str) -> tuple[PreTrainedModel, A
     config = config_cls(text_config=text, vision_config=vision, **qwen_vl_token_ids(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config._attn_implementation = attn_implementation
-    factor = patch * merge
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=patch,
-            merge_size=merge,
-            min_pixels=2 * factor * factor,
-            max_pixels=4 * 3 * factor * factor,
-        ),
-        video_processor=Qwen3VLVideoProcessor(
-            patch_size=patch,
-            merge_size=merge,
-            size={"shortest_edge": factor * factor, "longest_edge": 4 * factor * factor * 4},
-            do_sample_frames=False,
-        ),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    processor = _qwen3_vl_processor(tokenizer)
     return model_cls(config), processor
 
 
@@ -687,7 +697,6 @@ def _gemma3(family: str, attn_implementation: str) -> tuple[PreTrainedModel, Any
 
 def _qwen3_5(family: str, attn_implementation: str) -> tuple[PreTrainedModel, Any]:
     tokenizer = build_tokenizer(QWEN_SPECIAL, QWEN_CHAT_TEMPLATE)
-    patch, merge = 16, 2
     text = dict(
         NEW_TEXT_SIZES,
         vocab_size=len(tokenizer),
@@ -715,39 +724,12 @@ def _qwen3_5(family: str, attn_implementation: str) -> tuple[PreTrainedModel, An
     if family == "qwen3.5-text":
         config = Qwen3_5TextConfig(**text)
         config._attn_implementation = attn_implementation
-        tokenizer.chat_template = None
         return Qwen3_5ForCausalLM(config), tokenizer
-    vision = dict(
-        depth=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=merge,
-        temporal_patch_size=2,
-        out_hidden_size=64,
-        num_position_embeddings=64,
-    )
+    vision = QWEN3_VISION
     config = Qwen3_5Config(text_config=text, vision_config=vision, **qwen_vl_token_ids(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config._attn_implementation = attn_implementation
-    factor = patch * merge
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=patch,
-            merge_size=merge,
-            min_pixels=2 * factor * factor,
-            max_pixels=4 * 3 * factor * factor,
-        ),
-        video_processor=Qwen3VLVideoProcessor(
-            patch_size=patch,
-            merge_size=merge,
-            size={"shortest_edge": factor * factor, "longest_edge": 4 * factor * factor * 4},
-            do_sample_frames=False,
-        ),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    processor = _qwen3_vl_processor(tokenizer)
     return Qwen3_5ForConditionalGeneration(config), processor
 
 
@@ -951,3 +933,54 @@ def make_video(seed: int = 0, frames: int = 4, size: tuple[int, int] = (56, 56))
         x = (4 * t) % max(width - 16, 1)
         video[t, 8:24, x : x + 16] = rng.randint(0, 255, size=3)
     return video
+
+
+def chat_inputs(
+    processor: Any,
+    questions: list[str],
+    images: list[Any] | None = None,
+    videos: list[Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for one user turn per question, each with its own image or video.
+
+    Parameters
+    ----------
+    processor : ProcessorMixin or PreTrainedTokenizerBase
+        What :func:`build_tiny_model` returned; a tokenizer takes the questions as plain text.
+    questions : list of str
+        One prompt per question.
+    images, videos : list, optional
+        One PIL image / one video (see :func:`make_video`) per question; at most one of the two.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The processor's outputs: ``input_ids`` and ``attention_mask`` of shape (batch, seq), plus the
+        family's pixel tensors. Llama 4's processor returns bfloat16 pixel values.
+    """
+    if images is not None and videos is not None:
+        raise ValueError("pass images or videos, not both")
+    media = images if images is not None else videos
+    if media is not None and len(media) != len(questions):
+        raise ValueError(f"{len(media)} images/videos for {len(questions)} questions: pass one per question")
+    if isinstance(processor, PreTrainedTokenizerBase):
+        if media is not None:
+            raise ValueError("a tokenizer takes no images or videos")
+        processor.padding_side = "left"
+        return dict(processor(questions, return_tensors="pt", padding=True))
+    kind = "image" if images is not None else "video" if videos is not None else None
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": ([{"type": kind}] if kind else []) + [{"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    processor.tokenizer.padding_side = "left"
+    media_kwargs: dict[str, Any] = {}
+    if images is not None:
+        # One list per prompt: SmolVLM and Gemma 3 refuse a flat list for a batch, every family takes this.
+        media_kwargs["images"] = [[image] for image in images]
+    if videos is not None:
+        media_kwargs["videos"] = list(videos)
+    return dict(processor(text=texts, return_tensors="pt", padding=True, **media_kwargs))
