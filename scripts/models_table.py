@@ -33,8 +33,8 @@ BUDGET = 8
 
 def rope_kind(adapter, inputs_positions: torch.Tensor) -> str:
     parts = ["M-RoPE" if inputs_positions.dim() == 3 else "RoPE"]
-    if adapter.rotation_style == "pairwise":
-        parts.append("pairwise")
+    if adapter.rotation_style in ("pairwise", "interleaved"):
+        parts.append("pairwise rotation")
     if any(getattr(m, "sliding_window", None) for m in adapter.attention_modules):
         parts.append("sliding layers")
     if adapter.n_layers < len(adapter.decoder.layers):

@@ -17,7 +17,7 @@ from mmshiftkv.models.tiny import (
     build_tiny_model,
 )
 
-#: Every tiny family: the structural contract tests run over all of them.
+#: Every tiny family a press compresses: the structural contract tests run over all of them.
 ALL_VISION_FAMILIES = VISION_FAMILIES + NEW_VISION_FAMILIES
 ALL_FAMILIES = FAMILIES + NEW_VISION_FAMILIES + NEW_TEXT_FAMILIES
 

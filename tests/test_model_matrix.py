@@ -20,11 +20,11 @@ import warnings
 import pytest
 import torch
 from conftest import ALL_FAMILIES, QUESTION, make_inputs, tiny
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mmshiftkv.cache import CompressedLayer, cache_argument
+from mmshiftkv.cache import CompressedLayer, returned_cache
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import FullKVPress, SnapKVPress
 
@@ -68,15 +68,14 @@ def test_adapter_rotates_queries_exactly_as_the_model(family: str):
     _QUERIES.clear()
     try:
         with torch.no_grad():
-            model(**inputs, **cache_argument(model, DynamicCache(config=model.config)))
+            model(**inputs)
     finally:
         config._attn_implementation = original
         for hook in hooks:
             hook.remove()
     prompt_positions = adapter.normalize_positions(positions[0], 1)
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(**inputs, **cache_argument(model, cache))
+        cache = returned_cache(model(**inputs, use_cache=True))  # the cache class the model builds itself
     for module in adapter.attention_modules:
         idx = module.layer_idx
         with torch.no_grad():
@@ -124,11 +123,10 @@ def test_budget_in_every_kv_layer_and_full_kv_equals_generate(family: str, attn:
         full = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(plain, full)
 
-    cache = DynamicCache(config=model.config)
     press = SnapKVPress(budget=8, window_size=4)
     with press(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model(**inputs, **cache_argument(model, cache))
+        cache = returned_cache(model(**inputs, use_cache=True))
     kv_layers = {module.layer_idx for module in adapter.attention_modules}
     for idx, layer in enumerate(cache.layers):
         module = next((m for m in adapter.attention_modules if m.layer_idx == idx), None)
