@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mmshiftkv.cache import CompressedLayer, returned_cache
 from mmshiftkv.models import get_adapter
-from mmshiftkv.presses import FullKVPress, SnapKVPress
+from mmshiftkv.presses import FullKVPress, SnapKVPress, UnsupportedCacheError
 
 CAPTURE = "mmshiftkv_test_capture_"
 _QUERIES: dict[int, torch.Tensor] = {}
@@ -42,6 +42,17 @@ def _capturing(original: str):
 
 AttentionInterface.register(CAPTURE + "sdpa", _capturing("sdpa"))
 AttentionMaskInterface.register(CAPTURE + "sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def prompt_cache(model, inputs: dict):
+    """The prompt's cache, of the class ``generate`` builds for the model (hybrid caches included).
+
+    None when that is not a transformers ``Cache`` (Qwen3.5 on transformers 5.2 has its own class):
+    a press must then refuse by name instead of compressing nothing.
+    """
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    return returned_cache(out)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -74,8 +85,11 @@ def test_adapter_rotates_queries_exactly_as_the_model(family: str):
         for hook in hooks:
             hook.remove()
     prompt_positions = adapter.normalize_positions(positions[0], 1)
-    with torch.no_grad():
-        cache = returned_cache(model(**inputs, use_cache=True))  # the cache class the model builds itself
+    cache = prompt_cache(model, inputs)
+    if cache is None:
+        with pytest.raises(UnsupportedCacheError, match="transformers Cache"), SnapKVPress(budget=8)(model):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return
     for module in adapter.attention_modules:
         idx = module.layer_idx
         with torch.no_grad():
@@ -123,10 +137,14 @@ def test_budget_in_every_kv_layer_and_full_kv_equals_generate(family: str, attn:
         full = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(plain, full)
 
+    if prompt_cache(model, inputs) is None:
+        with pytest.raises(UnsupportedCacheError, match="transformers Cache"), SnapKVPress(budget=8)(model):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        return
     press = SnapKVPress(budget=8, window_size=4)
-    with press(model), torch.no_grad(), warnings.catch_warnings():
+    with press(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cache = returned_cache(model(**inputs, use_cache=True))
+        cache = prompt_cache(model, inputs)
     kv_layers = {module.layer_idx for module in adapter.attention_modules}
     for idx, layer in enumerate(cache.layers):
         module = next((m for m in adapter.attention_modules if m.layer_idx == idx), None)

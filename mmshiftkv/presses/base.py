@@ -435,6 +435,22 @@ class BudgetedPress:
                     "compressed layer); run the analysis without a press"
                 )
 
+    def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Refuse a cache the decoder built or used that is not a transformers ``Cache``."""
+        forward = self._forward
+        if forward is None or forward.cache is not None or not self.asks_compression:
+            return
+        values = output.values() if hasattr(output, "values") else ()
+        plain = torch.Tensor | tuple | list | dict
+        foreign = [v for v in values if v is not None and not isinstance(v, plain)]
+        if foreign:
+            raise UnsupportedCacheError(
+                f"{type(self).__name__} compresses a transformers Cache; {type(module).__name__} used a "
+                f"{type(foreign[0]).__name__} (a model-specific cache class of this transformers "
+                "release), so "
+                "nothing could be compressed. Use a transformers release where this model uses DynamicCache"
+            )
+
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = getattr(self, "_forward", None)
         if forward is None or not forward.prefill:
@@ -551,6 +567,7 @@ class BudgetedPress:
             self.post_init_from_model(model)
             decoder = adapter.decoder
             hooks.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+            hooks.append(decoder.register_forward_hook(self._decoder_hook, with_kwargs=True))
             hooks.append(
                 adapter.rotary_emb.register_forward_pre_hook(self._rotary_pre_hook, with_kwargs=True)
             )
