@@ -134,7 +134,10 @@ def test_chunked_prefill_and_assisted_decoding_are_refused_up_front():
         model.generate(**inputs, max_new_tokens=3, do_sample=False, prefill_chunk_size=8)
     repeated = {k: v.repeat(1, 2) for k, v in inputs.items()}  # a prompt whose n-grams repeat
     with pytest.raises(PressUsageError, match="assisted / speculative"), SnapKVPress(budget=BUDGET)(model):
-        model.generate(**repeated, max_new_tokens=5, do_sample=False, prompt_lookup_num_tokens=3)
+        # eos_token_id: transformers 5.2's prompt-lookup candidate generator needs one.
+        model.generate(
+            **repeated, max_new_tokens=5, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=0
+        )
     # The press context is gone after the refusal: plain generate is untouched.
     assert "generate" not in vars(model)
 

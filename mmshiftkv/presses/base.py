@@ -164,7 +164,9 @@ class _Forward:
     """What the decoder pre-hook learns about one forward, before its layers run."""
 
     cache: Cache | None
-    prefill: bool
+    #: True: the forward starts on an empty cache; False: it continues one (or has none); None: no
+    #: cache was given and the decoder may build one (settled by the first attention layer).
+    prefill: bool | None
     state: ScoringState
     checked_length: bool = False
 
@@ -393,9 +395,10 @@ class BudgetedPress:
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        prefill = cache is not None and past == 0
-        mask = kwargs.get("attention_mask") if prefill else None
-        key_mask = padding_mask(mask)
+        # No cache given: the decoder may build one itself (``model(..., use_cache=True)``); the first
+        # attention layer tells (see ``_attention_hook``).
+        prefill = None if cache is None else past == 0
+        mask = kwargs.get("attention_mask") if prefill is not False else None
         if cache is None and self.asks_compression:
             misplaced = [
                 name
@@ -413,27 +416,40 @@ class BudgetedPress:
         self._forward = _Forward(
             cache=cache,
             prefill=prefill,
-            state=ScoringState(adapter=self._adapter, key_mask=key_mask, visibility=last_rows(mask)),
+            state=ScoringState(
+                adapter=self._adapter, key_mask=padding_mask(mask), visibility=last_rows(mask)
+            ),
         )
-        if cache is None:
+        if prefill and self.asks_compression:
+            self._check_prefill(cache, kwargs)
+
+    def _check_prefill(self, cache: Cache, kwargs: dict) -> None:
+        check_compressible(cache, type(self).__name__)
+        config = self._adapter.text_config
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise PressUsageError(
+                f"{type(self).__name__}: output_attentions=True under a compressing press would return "
+                "attentions without the evicted tokens (or none at all where mmshiftkv's attention reads a "
+                "compressed layer); run the analysis without a press"
+            )
+
+    def _cache_built_inside(self, forward: _Forward, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Settle a forward that got no cache: did the decoder build one, holding just this forward?"""
+        cache = find_cache(args, kwargs)
+        hidden_states = _attention_input(args, kwargs, self._adapter.text_config.hidden_size)
+        layer = cache.layers[module.layer_idx] if cache is not None else None
+        forward.prefill = layer is not None and layer.get_seq_length() == hidden_states.shape[1]
+        if forward.prefill:
+            forward.cache = cache
             if self.asks_compression:
-                warnings.warn(
-                    f"{type(self).__name__}: a forward ran without a KV cache (use_cache=False?); nothing to "
-                    "compress in it",
-                    CompressionSkippedWarning,
-                    stacklevel=2,
-                )
-            return
-        if self._forward.prefill and self.asks_compression:
-            check_compressible(cache, type(self).__name__)
-            config = self._adapter.text_config
-            if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
-                raise PressUsageError(
-                    f"{type(self).__name__}: output_attentions=True under a compressing press would return "
-                    "attentions without the evicted tokens (or none at all where mmshiftkv's "
-                    "attention reads a "
-                    "compressed layer); run the analysis without a press"
-                )
+                self._check_prefill(cache, kwargs)
+        elif cache is None and self.asks_compression:
+            warnings.warn(
+                f"{type(self).__name__}: a forward ran without a KV cache (use_cache=False?); nothing to "
+                "compress in it",
+                CompressionSkippedWarning,
+                stacklevel=3,
+            )
 
     def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Refuse a cache the decoder built or used that is not a transformers ``Cache``."""
@@ -441,7 +457,7 @@ class BudgetedPress:
         if forward is None or forward.cache is not None or not self.asks_compression:
             return
         values = output.values() if hasattr(output, "values") else ()
-        plain = torch.Tensor | tuple | list | dict
+        plain = torch.Tensor | tuple | list | dict | Cache
         foreign = [v for v in values if v is not None and not isinstance(v, plain)]
         if foreign:
             raise UnsupportedCacheError(
@@ -453,7 +469,7 @@ class BudgetedPress:
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = getattr(self, "_forward", None)
-        if forward is None or not forward.prefill:
+        if forward is None or forward.prefill is False:
             return
         values = [*args, *kwargs.values()]
         like = next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
@@ -462,6 +478,8 @@ class BudgetedPress:
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         forward = getattr(self, "_forward", None)
+        if forward is not None and forward.prefill is None:
+            self._cache_built_inside(forward, module, args, kwargs)
         if forward is None or not forward.prefill:
             return output
         hidden_states = _attention_input(args, kwargs, self._adapter.text_config.hidden_size)
