@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # second venv that reuses $(VENV)'s packages (torch, the built op) and overrides transformers, tokenizers
 # and kvpress: the suite runs on both ends of the supported range.
 OLDEST ?= .venv-oldest
-OLDEST_PINS ?= transformers==5.2.0 "tokenizers>=0.22,<=0.23.0" kvpress==0.5.5
+OLDEST_PINS ?= transformers==5.2.0 "tokenizers>=0.22,<=0.23.0" kvpress==0.5.5 "setuptools>=77"
 # CI (CI=true) must compile the CUDA half of the op: a .cu compile error fails the run.
 FORCE_CUDA ?= $(if $(CI),1,)
 export FORCE_CUDA

@@ -32,7 +32,8 @@ def run_benchmark(script: str, *args: str) -> str:
 def test_op_benchmark_checks_the_op_against_the_reference() -> None:
     report = json.loads(run_benchmark("bench_shiftkv_op.py", "--lengths", "128", "--repeats", "1"))
     (result,) = report["results"]
-    assert result["seq_len"] == 128 and result["scores_equal"] is True
+    assert result["seq_len"] == 128 and result["votes_equal_fraction"] >= 0.999
+    assert result["kept_sets_equal"] is True
     ratio = result["torch_median_s"] / result["op_median_s"]
     assert result["speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01)
 
