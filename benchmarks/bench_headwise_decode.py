@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from mmshiftkv.cache import CompressedLayer, compressed_attention, compressed_sdpa
+from mmshiftkv.cache import CompressedLayer, compressed_attention, compressed_sdpa, crop_to
 from mmshiftkv.presses.selection import select_kept_indices
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, MLP = 3584, 28, 4, 128, 18944
@@ -164,7 +164,7 @@ def measure(
             {
                 name: (
                     functools.partial(model, input_ids=token, past_key_values=cache),
-                    functools.partial(cache.crop, context),
+                    functools.partial(crop_to, cache, context),
                 )
                 for name, cache in caches.items()
             },
@@ -176,7 +176,7 @@ def measure(
             {
                 name: (
                     functools.partial(attention_step, caches[name].layers[0], query, new, scaling),
-                    functools.partial(caches[name].layers[0].crop, context),
+                    functools.partial(crop_to, caches[name].layers[0], context),
                 )
                 for name in ("uniform", "headwise")
             },

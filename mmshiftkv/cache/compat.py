@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,8 +34,11 @@ def returned_cache(outputs: Any) -> Cache | None:
     return next((value for value in values if isinstance(value, Cache)), None)
 
 
-def crop_to(cache: Cache, length: int) -> None:
-    """Cut ``cache`` back to ``length`` tokens; a negative count means the same on every release."""
+def crop_to(cache: Cache | CacheLayerMixin, length: int) -> None:
+    """Cut a cache (or one cache layer) back to ``length`` tokens.
+
+    The crop is given as a negative count of tokens to remove, which means the same on every release.
+    """
     excess = cache.get_seq_length() - length
     if excess > 0:
         cache.crop(-excess)

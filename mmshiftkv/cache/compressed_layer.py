@@ -118,9 +118,11 @@ def _owner_dtype(heads_per_row: int) -> torch.dtype:
 
 
 class _Reading(threading.local):
-    """The model whose attention layer is running in this thread (set by ``compressed_attention``)."""
+    """Per thread: the model whose attention layer is running, and how many ``compressed_attention``
+    contexts are open (code that drives a layer directly, like a benchmark, runs inside one)."""
 
     model: nn.Module | None = None
+    contexts: int = 0
 
 
 #: Per thread, which model's mmshiftkv attention is reading a cache right now.
@@ -414,7 +416,11 @@ class CompressedLayer(CacheLayerMixin):
             The inputs, unchanged: the compressed attention reads the layer itself.
         """
         reading = READING.model
-        if reading is None or (self.reader is not None and reading is not self.reader):
+        if self.reader is None:
+            allowed = reading is not None or READING.contexts > 0
+        else:
+            allowed = reading is self.reader
+        if not allowed:
             raise RuntimeError(
                 "a CompressedLayer can only be read by mmshiftkv's attention of the model it was compressed "
                 "for: run that model inside `with press(model):` or "

@@ -184,6 +184,7 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
     saved = [(config, config._attn_implementation) for config in configs]
     handles = []
     remember = _enter_attention(model)
+    READING.contexts += 1
     try:
         for module in modules:
             _STATES[module] = _ModuleState(_delegate(module, original), flash_varlen)
@@ -199,3 +200,4 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
             handle.remove()
         for module in modules:
             _STATES.pop(module, None)
+        READING.contexts -= 1

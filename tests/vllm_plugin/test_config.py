@@ -6,13 +6,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_helpers import engine  # noqa: E402
-
 from mmshiftkv.vllm import (  # noqa: E402
     EngineConfigError,
     VLLMPressConfig,
     vllm_version_supported,
 )
+from vllm_plugin.vllm_helpers import engine  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ pytest.importorskip("vllm")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, selections_of  # noqa: E402
 
 from mmshiftkv.presses import PRESSES  # noqa: E402
+from vllm_plugin.vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, selections_of  # noqa: E402
 
 MAX_TOKENS = 20
 #: One image (112 x 112 pixels: 16 image tokens) per request, text of different lengths around it.

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, scheduler_of, selections_of  # noqa: E402
 
 from mmshiftkv.presses import PRESSES  # noqa: E402
+from vllm_plugin.vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, scheduler_of, selections_of  # noqa: E402
 
 #: Prompts of different lengths submitted together: two longer than one block, one within the budget.
 PROMPT_LENGTHS = (40, 70, 100, 12)
