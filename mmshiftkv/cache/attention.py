@@ -55,10 +55,12 @@ def tail_visibility(attention_mask: torch.Tensor | None, q_len: int, tail_len: i
         return tail[:, None, :] & causal
     if attention_mask.ndim != 4:
         raise ValueError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
-    tail = attention_mask[:, 0, -q_len:, -tail_len:]
-    if tail.dtype == torch.bool:
-        return tail
-    return tail > torch.finfo(tail.dtype).min / 2
+    return visible(attention_mask[:, 0, -q_len:, -tail_len:])
+
+
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean visibility (True = may attend) of a boolean mask or an additive one (0 = visible)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def _bucket_mask(

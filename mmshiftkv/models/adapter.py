@@ -349,14 +349,6 @@ def _layer_type(attention: nn.Module) -> str:
     return layer_type
 
 
-def _kv_attention(layer: nn.Module) -> nn.Module | None:
-    """The layer's self-attention if it holds a KV cache with separate q/k/v projections."""
-    attention = getattr(layer, "self_attn", None)
-    if attention is None:
-        return None
-    return attention
-
-
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Inspect ``model`` and return its adapter.
 
@@ -384,7 +376,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             "its decoder mixes chunked-attention and position-free (NoPE) layers, which a prefill-time "
             "selection scored for full causal RoPE attention would misjudge",
         )
-    attentions = [attention for attention in map(_kv_attention, layers) if attention is not None]
+    # Linear-attention layers (hybrid models) have no self_attn and hold no KV.
+    attentions = [layer.self_attn for layer in layers if getattr(layer, "self_attn", None) is not None]
     if not attentions:
         raise _refuse(model, "no decoder layer has a `self_attn` module")
     for attention in attentions:

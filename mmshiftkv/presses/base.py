@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from mmshiftkv.allocators.base import Allocator
 from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache, make_crop_atomic
+from mmshiftkv.cache.attention import visible
 from mmshiftkv.models.adapter import ModelAdapter, get_adapter
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.validation import check_real
@@ -649,18 +650,21 @@ def padding_mask(mask: object) -> torch.Tensor | None:
 
 def _last_row_visibility(mask: object) -> torch.Tensor | None:
     if isinstance(mask, dict):
-        found = [_last_row_visibility(value) for value in mask.values()]
-        found = [m for m in found if m is not None]
-        return max(found, key=lambda m: int(m.sum())) if found else None
+        return _widest(_last_row_visibility(value) for value in mask.values())
     if not isinstance(mask, torch.Tensor):
         return None
     if mask.ndim == 2:
         return mask.bool()
     if mask.ndim == 4:
         # At prefill the keys are the queries; further columns are empty slots of a static cache.
-        last_row = mask[:, 0, -1, : mask.shape[2]]
-        return last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
+        return visible(mask[:, 0, -1, : mask.shape[2]])
     return None
+
+
+def _widest(found: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """Of several layer types' visibilities, the one that lets the most keys be seen."""
+    candidates = [m for m in found if m is not None]
+    return max(candidates, key=lambda m: int(m.sum())) if candidates else None
 
 
 #: Prompt queries whose visibility rows a press may need (SnapKV's default window is 32).
@@ -674,17 +678,14 @@ def last_rows(mask: object, rows: int = VISIBILITY_ROWS) -> torch.Tensor | None:
     no mask means causal attention, which the presses apply themselves.
     """
     if isinstance(mask, dict):
-        found = [last_rows(value, rows) for value in mask.values()]
-        found = [m for m in found if m is not None]
-        return max(found, key=lambda m: int(m.sum())) if found else None
+        return _widest(last_rows(value, rows) for value in mask.values())
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
         return None
-    block = mask[:, 0, -rows:, : mask.shape[2]]
-    visible = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
-    q_len, kv_len = visible.shape[1], visible.shape[2]
-    query_index = torch.arange(kv_len - q_len, kv_len, device=visible.device)
-    beyond_causal = torch.arange(kv_len, device=visible.device)[None, :] > query_index[:, None]
-    return visible if bool((visible & beyond_causal).any()) else None
+    seen = visible(mask[:, 0, -rows:, : mask.shape[2]])
+    q_len, kv_len = seen.shape[1], seen.shape[2]
+    query_index = torch.arange(kv_len - q_len, kv_len, device=seen.device)
+    beyond_causal = torch.arange(kv_len, device=seen.device)[None, :] > query_index[:, None]
+    return seen if bool((seen & beyond_causal).any()) else None
 
 
 def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:
