@@ -36,7 +36,8 @@ REFERENCE = "mmshiftkv_test_reference"
 KEPT: dict[int, torch.Tensor] = {}
 
 
-def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # transformers' attention-function signature: wrappers (kvpress's patch) pass dropout positionally
     """Full-cache attention hiding the evicted prompt keys per (sample, KV head)."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -444,7 +445,7 @@ def test_padding_inside_the_new_tokens_is_respected(monkeypatch: pytest.MonkeyPa
     allowed &= padding[:, None, None, :]
     KEPT.clear()
     expected = reference_attention(
-        torch.nn.Module(), query, keys, values, torch.where(allowed, 0.0, -torch.inf), 0.3
+        torch.nn.Module(), query, keys, values, torch.where(allowed, 0.0, -torch.inf), scaling=0.3
     )
     torch.testing.assert_close(compressed_sdpa(layer, query, padding, 0.3), expected[0], atol=1e-5, rtol=1e-5)
 
