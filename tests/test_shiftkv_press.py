@@ -10,6 +10,7 @@ from conftest import QUESTION, greedy, make_inputs, tiny
 from transformers import DynamicCache
 
 import mmshiftkv.presses.shiftkv as shiftkv_module
+from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.models.positions import rope_index
 from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference
@@ -55,16 +56,17 @@ def test_proxies_sit_at_the_next_decode_position_plus_offsets(family: str, monke
     model, processor = tiny(family)
     inputs = make_inputs(family, processor, [QUESTION])
     spy = ScoreSpy(monkeypatch)
-    hidden: dict[int, torch.Tensor] = {}
     press = ShiftKVPress(budget=8, position_start=3, position_stride=5, **SMALL)
-    original = press.proxy_hidden_states
+    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    attention_inputs: dict[int, torch.Tensor] = {}
 
-    def recording(states, layer_idx, key_mask=None):
-        hidden[layer_idx] = original(states, layer_idx, key_mask)
-        return hidden[layer_idx]
+    def record(module, args, kwargs):
+        attention_inputs[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    monkeypatch.setattr(press, "proxy_hidden_states", recording)
+    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in decoder.layers]
     prefill(model, inputs, press)
+    for hook in hooks:
+        hook.remove()
 
     if family.startswith("qwen"):
         positions = rope_index(model, inputs)
@@ -74,11 +76,12 @@ def test_proxies_sit_at_the_next_decode_position_plus_offsets(family: str, monke
         next_position = inputs["input_ids"].shape[1]
     group = 64 // 8
     expected_positions = next_position + 3 + 5 * (torch.arange(64) % group)
-    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
     for layer, (proxies, _, _, _) in enumerate(spy.calls):
         attn = decoder.layers[layer].self_attn
+        # Eq. 5-6 directly: the proxy hidden states through q_proj (the press projects the noise once).
         with torch.no_grad():
-            raw = attn.q_proj(hidden[layer][0]).view(64, -1, attn.head_dim).transpose(0, 1)
+            proxy_states = press.proxy_hidden_states(attention_inputs[layer], layer)[0]
+            raw = attn.q_proj(proxy_states).view(64, -1, attn.head_dim).transpose(0, 1)
         torch.testing.assert_close(proxies[0], plain_rope(raw, expected_positions), atol=1e-4, rtol=1e-4)
 
 
@@ -207,3 +210,55 @@ def test_generates_on_every_family(family: str, attn: str, dtype: torch.dtype):
     assert tokens.shape[0] == 2
     assert press.stats.kept.max() == 10
     assert not math.isnan(float(press.stats.bytes_after))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3.5-text"])  # q bias, q-norm, gated q_proj
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_noise_equals_projecting_each_proxy(family: str, dtype: torch.dtype):
+    model, _ = build_tiny_model(family, dtype=dtype)
+    adapter = get_adapter(model)
+    module = adapter.attention_modules[-1]
+    hidden = (torch.randn(2, 40, model.config.get_text_config().hidden_size) * 3 + 0.5).to(dtype)
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, :7] = False  # left padding stays out of the statistics either way
+    press = ShiftKVPress(**SMALL)
+    with torch.no_grad():
+        direct = adapter.query_states(module, press.proxy_hidden_states(hidden, module.layer_idx, key_mask))
+        assert adapter.query_projection(module) is module.q_proj
+        projected = press.proxy_queries(adapter, module, hidden, key_mask)
+        # The direct path rounds each proxy to the model dtype before its GEMM: one rounding apart.
+        tolerance = 1e-5 if dtype == torch.float32 else 3 * 2**-8
+        scale = float(direct.float().abs().max())
+        torch.testing.assert_close(projected.float(), direct.float(), atol=tolerance * scale, rtol=tolerance)
+
+        # Weights changed in place are noticed; per-feature statistics always project each proxy.
+        module.q_proj.weight.mul_(2)
+        direct = adapter.query_states(module, press.proxy_hidden_states(hidden, module.layer_idx, key_mask))
+        projected = press.proxy_queries(adapter, module, hidden, key_mask)
+        scale = float(direct.float().abs().max())
+        torch.testing.assert_close(projected.float(), direct.float(), atol=tolerance * scale, rtol=tolerance)
+        per_feature = ShiftKVPress(statistics="per_feature", **SMALL)
+        states = per_feature.proxy_hidden_states(hidden, module.layer_idx, key_mask)
+        assert torch.equal(
+            per_feature.proxy_queries(adapter, module, hidden, key_mask), adapter.query_states(module, states)
+        )
+
+
+def test_statistics_match_a_plain_recomputation():
+    torch.manual_seed(1)
+    # A far-off first chunk (a shifted system prompt) must not cost the variance its precision.
+    hidden = torch.randn(2, 3000, 48) * torch.linspace(0.5, 2.0, 48) + 3.0
+    hidden[:, :400] += 50.0
+    key_mask = torch.ones(2, 3000, dtype=torch.bool)
+    key_mask[0, :123] = False
+    for statistics in ("global", "per_feature"):
+        for window in (None, 700):
+            press = ShiftKVPress(statistics=statistics, stats_window=window)
+            mean, std = press.prompt_statistics(hidden, key_mask)
+            for sample in range(2):
+                real = hidden[sample][key_mask[sample]].double()
+                real = real if window is None else real[-window:]
+                real = real.flatten() if statistics == "global" else real
+                expected_mean = real.mean(0).reshape(-1)
+                torch.testing.assert_close(mean[sample].double(), expected_mean, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(std[sample].double(), real.std(0).reshape(-1), rtol=1e-5, atol=0)

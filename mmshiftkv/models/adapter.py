@@ -171,8 +171,20 @@ class ModelAdapter:
         Includes the q-norm of models that have one; for gated attention (Qwen3.5, whose
         ``q_proj`` emits query and gate per head) only the query half is returned.
         """
-        batch, n, _ = hidden_states.shape
-        projected = attention.q_proj(hidden_states)
+        return self.query_heads(attention, attention.q_proj(hidden_states))
+
+    def query_projection(self, attention: nn.Module) -> nn.Linear | None:
+        """The layer's ``q_proj`` where it is a plain ``nn.Linear`` (affine in its input), else None.
+
+        Quantized or adapter-wrapped projections are not exactly affine; callers project through
+        :meth:`query_states` then.
+        """
+        q_proj = attention.q_proj
+        return q_proj if type(q_proj) is nn.Linear else None
+
+    def query_heads(self, attention: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+        """:meth:`query_states` from the ``q_proj`` output ``(batch, n, q_proj.out_features)``."""
+        batch, n, _ = projected.shape
         per_head = projected.shape[-1] // self.n_heads
         queries = projected.view(batch, n, self.n_heads, per_head)
         if per_head == 2 * attention.head_dim:

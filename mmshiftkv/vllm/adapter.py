@@ -88,6 +88,11 @@ class VLLMAdapter:
             queries = q_norm(queries)
         return queries.transpose(0, 1)[None]
 
+    def query_projection(self, attention: AttentionView) -> None:
+        """None: vLLM's query projection is fused into ``qkv_proj`` and may be quantized, so presses
+        project through :meth:`query_states`."""
+        return None
+
     def apply_rope(
         self, states: torch.Tensor, positions: torch.Tensor, attention: AttentionView | None = None
     ) -> torch.Tensor:
