@@ -44,6 +44,9 @@ def test_overhead_benchmark_ratio_is_scoring_over_prefill() -> None:
     assert result["prompt_tokens"] == 128 and result["scoring_s"] > 0
     ratio = result["scoring_s"] / result["prefill_s"]
     assert result["scoring_over_prefill"] == pytest.approx(ratio, abs=1e-3)
+    floor = result["logits_floor_s"] / result["prefill_s"]
+    assert result["logits_floor_over_prefill"] == pytest.approx(floor, abs=1e-3)
+    assert result["first_scoring_s"] > 0
 
 
 def test_headwise_benchmark_bytes_match_the_formula() -> None:
