@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from mmshiftkv.models.adapter import ModelAdapter
+
+if TYPE_CHECKING:
+    from mmshiftkv.presses.base import ScoringState
 
 
 def mean_over_query_groups(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -73,3 +78,25 @@ def prompt_query_attention(
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs, query_valid
+
+
+def last_query_attention(
+    state: ScoringState, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor
+) -> torch.Tensor:
+    """Attention of the last prompt query over the prompt keys, averaged over each KV head's query heads.
+
+    The score of LastAttn and of MM-ShiftKV without sampling (Table 5). ``hidden_states``: the
+    attention input ``(batch, seq_len, hidden)``; ``keys``: ``(batch, kv_heads, seq_len, head_dim)``.
+    Returns ``(batch, kv_heads, seq_len)``.
+    """
+    probs, _ = prompt_query_attention(
+        state.adapter,
+        module,
+        hidden_states,
+        keys,
+        state.positions,
+        state.key_mask,
+        n_queries=1,
+        visibility=state.visibility,
+    )
+    return mean_over_query_groups(probs[:, :, 0], keys.shape[1])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
+from mmshiftkv.presses.attention import last_query_attention
 from mmshiftkv.presses.base import BudgetedPress
 
 
@@ -29,15 +29,4 @@ class LastAttnPress(BudgetedPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        state = self.state
-        probs, _ = prompt_query_attention(
-            state.adapter,
-            module,
-            hidden_states,
-            keys,
-            state.positions,
-            state.key_mask,
-            n_queries=1,
-            visibility=state.visibility,
-        )
-        return mean_over_query_groups(probs[:, :, 0], keys.shape[1])
+        return last_query_attention(self.state, module, hidden_states, keys)

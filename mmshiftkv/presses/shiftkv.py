@@ -11,7 +11,7 @@ from torch import nn
 
 from mmshiftkv import ops
 from mmshiftkv.ops.reference import group_attention_mass
-from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
+from mmshiftkv.presses.attention import last_query_attention
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.validation import check_bool, check_int, check_real
 
@@ -19,7 +19,8 @@ from mmshiftkv.validation import check_bool, check_int, check_real
 #: tightest setting (Table 1), 64 prompt tokens per KV head.
 DEFAULT_BUDGET = 64
 
-#: Floats per chunk of the statistics' pass: its temporary stays within a core's L2 cache.
+#: Floats per chunk of the statistics' pass: bounds its float32 temporary to 4 MB in few enough ops
+#: that per-op overhead stays small against the prompt's size.
 STATS_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -135,8 +136,6 @@ class ShiftKVPress(BudgetedPress):
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
-        # Wz of each layer's query projection, keyed by the projection module (see proxy_queries).
-        self._noise_projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if self.n_proxies % self.n_groups:
             raise ValueError(
                 f"n_proxies ({self.n_proxies}) must be a positive multiple of n_groups ({self.n_groups})"
@@ -147,6 +146,8 @@ class ShiftKVPress(BudgetedPress):
             raise ValueError(f"coverage must be 'smallest' or 'within', got {self.coverage!r}")
         if self.backend not in ("auto", "compiled", "torch"):
             raise ValueError(f"backend must be 'auto', 'compiled' or 'torch', got {self.backend!r}")
+        # Wz of each layer's query projection, keyed by the projection module (see proxy_queries).
+        self._noise_projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __getstate__(self) -> dict:
         # The cached projections belong to this process's weights: a pickled or copied press starts empty.
@@ -306,11 +307,7 @@ class ShiftKVPress(BudgetedPress):
         state = self.state
         adapter = state.adapter
         if not self.sampling:
-            last_probs, _ = prompt_query_attention(
-                adapter, module, hidden_states, keys, state.positions, state.key_mask, n_queries=1,
-                visibility=state.visibility,
-            )
-            return mean_over_query_groups(last_probs[:, :, 0], keys.shape[1])
+            return last_query_attention(state, module, hidden_states, keys)
 
         last_query = adapter.apply_rope(
             adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:], module
