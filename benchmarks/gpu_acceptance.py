@@ -205,8 +205,8 @@ def generate_step(cpu: bool) -> dict:
     """``generate`` under every press, every family, sdpa (+ flash-attention 2): which ran, which matched."""
     import torch
 
-    from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
     from mmshiftkv.presses import PRESSES
+    from mmshiftkv.testing import FAMILIES, build_tiny_model
 
     device = "cpu" if cpu else "cuda"
     dtype = torch.float32 if cpu else torch.bfloat16

@@ -2,7 +2,7 @@
 
     python scripts/models_table.py > /tmp/table.md
 
-Every family of :mod:`mmshiftkv.models.tiny` runs ``generate`` on a left-padded batch of two image
+Every family of :data:`mmshiftkv.testing.ALL_FAMILIES` runs ``generate`` on a left-padded batch of two image
 (or text) prompts under every press at a budget of 8 tokens per KV head; a cell is ✓ when the
 press compressed every KV-holding layer to the budget (sliding-window layers keep their window) and
 FullKV equals plain ``generate``, else it names the error. Families the library refuses are listed
@@ -11,22 +11,13 @@ with the reason their ``UnsupportedModelError`` gives.
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from conftest import ALL_FAMILIES, QUESTION, make_inputs  # noqa: E402
-
-from mmshiftkv.models import (  # noqa: E402
-    UnsupportedModelError,
-    get_adapter,
-    tiny,  # noqa: E402
-)
-from mmshiftkv.presses import PRESSES, FullKVPress, ShiftKVPress  # noqa: E402
+from mmshiftkv.models import UnsupportedModelError, get_adapter
+from mmshiftkv.presses import PRESSES, FullKVPress, ShiftKVPress
+from mmshiftkv.testing import ALL_FAMILIES, QUESTION, REFUSED_FAMILIES, build_tiny_model, make_inputs
 
 BUDGET = 8
 
@@ -43,7 +34,7 @@ def rope_kind(adapter, inputs_positions: torch.Tensor) -> str:
 
 
 def row(family: str) -> str:
-    model, processor = tiny.build_tiny_model(family)
+    model, processor = build_tiny_model(family)
     adapter = get_adapter(model)
     inputs = make_inputs(family, processor, [QUESTION, "Short?"])
     with torch.no_grad():
@@ -86,8 +77,8 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(names) + 1))
     for family in ALL_FAMILIES:
         print(row(family), flush=True)
-    for family in getattr(tiny, "REFUSED_FAMILIES", ()):
-        model, _ = tiny.build_tiny_model(family)
+    for family in REFUSED_FAMILIES:
+        model, _ = build_tiny_model(family)
         try:
             get_adapter(model)
             reason = "accepted (unexpected)"

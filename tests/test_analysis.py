@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import QUESTION, make_inputs, tiny
 
 from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
 from mmshiftkv.presses import FullKVPress, SnapKVPress, StreamingLLMPress
+from mmshiftkv.testing import QUESTION, make_inputs, tiny
 
 
 def test_full_kv_covers_everything_and_presses_stay_in_unit_interval():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy, make_inputs, tiny
 
 from mmshiftkv.presses import (
     ExpectedAttentionPress,
@@ -14,6 +13,7 @@ from mmshiftkv.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
+from mmshiftkv.testing import greedy, make_inputs, tiny
 
 QUESTIONS = [
     "What is written in the picture, and which colour is the third box from the left?",

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
 from test_evaluation_runner import task_rows, textcaps_available, write_task_datasets
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -28,6 +27,7 @@ from mmshiftkv.cli import main as mmshiftkv_main
 from mmshiftkv.evaluation import runner
 from mmshiftkv.evaluation.analysis import attention_coverage
 from mmshiftkv.presses import FullKVPress, ShiftKVPress, SnapKVPress, StreamingLLMPress
+from mmshiftkv.testing import tiny
 
 N = 3
 MAX_NEW_TOKENS = 2

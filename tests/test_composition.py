@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTION, greedy, make_inputs, tiny
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, UniformAllocator
 from mmshiftkv.cache import CompressedLayer
 from mmshiftkv.presses import PRESSES, BudgetPress, FullKVPress, ShiftKVPress
+from mmshiftkv.testing import QUESTION, greedy, make_inputs, tiny
 
 BUDGET, WINDOW = 12, 4
 

@@ -511,7 +511,7 @@ class GenerationCounter:
 
 @pytest.fixture
 def chartqa_setup(tmp_path: Path, monkeypatch) -> tuple[dict, GenerationCounter]:
-    from conftest import tiny
+    from mmshiftkv.testing import tiny
 
     folders = write_task_datasets(tmp_path / "data", 2, tasks=["chartqa"])
     counter = GenerationCounter()

@@ -25,7 +25,7 @@ from mmshiftkv.allocators.calibrate import (
     synthetic_ocr_samples,
 )
 from mmshiftkv.allocators.calibrate import main as calibrate_main
-from mmshiftkv.models.tiny import build_tiny_model
+from mmshiftkv.testing import build_tiny_model
 
 # The layout of the reference files (CR400AF-A/SparseMM visual_head/head_score/llava-v1.6.json):
 # one "layer-head" key per query head, one float per calibration image, indent 4.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QUESTION, make_inputs, tiny
 from transformers import DynamicCache
+
+from mmshiftkv.testing import QUESTION, make_inputs, tiny
 
 kvpress = pytest.importorskip("kvpress")
 

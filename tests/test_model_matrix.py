@@ -19,7 +19,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, QUESTION, make_inputs, tiny
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -27,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from mmshiftkv.cache import CompressedLayer, returned_cache
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import FullKVPress, SnapKVPress, UnsupportedCacheError
+from mmshiftkv.testing import ALL_FAMILIES, QUESTION, make_inputs, tiny
 
 CAPTURE = "mmshiftkv_test_capture_"
 _QUERIES: dict[int, torch.Tensor] = {}

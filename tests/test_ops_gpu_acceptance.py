@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmshiftkv.models.tiny import FAMILIES
 from mmshiftkv.presses import PRESSES
+from mmshiftkv.testing import FAMILIES
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_acceptance.py"
 STEPS = ["environment", "install", "op_tests", "op_vs_reference", "generate", "headwise_decode", "profile"]

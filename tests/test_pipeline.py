@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synthetic_image, tiny
 from transformers import DynamicCache, pipeline
 
 import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
-from mmshiftkv.models.tiny import VISION_FAMILIES
 from mmshiftkv.presses import KeyDiffPress, SnapKVPress
+from mmshiftkv.testing import VISION_FAMILIES, synthetic_image, tiny
 
 QUESTION = "What is written in the picture?"
 

@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import QUESTION, greedy, make_inputs, tiny
 from torch.nn import functional as F
 from transformers import DynamicCache
 
 from mmshiftkv.cache import CompressedLayer
 from mmshiftkv.models import get_adapter
 from mmshiftkv.models.positions import rope_index
-from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
 from mmshiftkv.presses import (
     CompressionSkippedWarning,
     ExpectedAttentionPress,
@@ -26,6 +24,7 @@ from mmshiftkv.presses import (
     UnsupportedCacheError,
     select_kept_indices,
 )
+from mmshiftkv.testing import FAMILIES, QUESTION, build_tiny_model, greedy, make_inputs, tiny
 
 BUDGET = 8
 

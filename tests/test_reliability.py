@@ -9,11 +9,9 @@ import threading
 
 import pytest
 import torch
-from conftest import QUESTION, make_inputs, tiny
 from transformers import DynamicCache
 
 from mmshiftkv.cache import CompressedLayer, cache_argument, compressed_attention
-from mmshiftkv.models.tiny import build_tiny_model
 from mmshiftkv.presses import (
     FullKVPress,
     PressUsageError,
@@ -21,6 +19,7 @@ from mmshiftkv.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
+from mmshiftkv.testing import QUESTION, build_tiny_model, make_inputs, tiny
 
 BUDGET = 8
 

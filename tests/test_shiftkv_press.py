@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import QUESTION, greedy, make_inputs, tiny
 from transformers import DynamicCache
 
 import mmshiftkv.presses.shiftkv as shiftkv_module
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.models.positions import rope_index
-from mmshiftkv.models.tiny import FAMILIES, build_tiny_model
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference
 from mmshiftkv.presses import LastAttnPress, ShiftKVPress, select_kept_indices
+from mmshiftkv.testing import FAMILIES, QUESTION, build_tiny_model, greedy, make_inputs, tiny
 
 SMALL = dict(n_proxies=64, n_groups=8)
 

@@ -12,19 +12,19 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_image
 
-from mmshiftkv.models.tiny import (
+from mmshiftkv.testing import (
     ALL_FAMILIES,
     NEW_TEXT_FAMILIES,
     NEW_VISION_FAMILIES,
     REFUSED_FAMILIES,
     VIDEO_FAMILIES,
     build_tiny_model,
-    build_tokenizer,
     chat_inputs,
     make_video,
+    synthetic_image,
 )
+from mmshiftkv.tokenization import build_tokenizer
 
 QUESTIONS = ["What is written in the picture, and which colour is the third box?", "Read it."]
 TEXT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "fuyu") + NEW_TEXT_FAMILIES
@@ -51,7 +51,7 @@ def inputs_for(family: str, processor, indices: list[int], kind: str) -> dict:
 
 
 def cases():
-    for family in ALL_FAMILIES:
+    for family in ALL_FAMILIES + REFUSED_FAMILIES:
         kinds = ["text"] if family in TEXT_FAMILIES else ["image"]
         kinds += ["video"] if family in CHECKED_VIDEO_FAMILIES else []
         for kind in kinds:

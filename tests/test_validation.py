@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import synthetic_image, tiny
 from transformers import pipeline
 
 import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
@@ -22,6 +21,7 @@ from mmshiftkv.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
+from mmshiftkv.testing import synthetic_image, tiny
 
 NAN, INF = math.nan, math.inf
 

@@ -10,13 +10,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny
 from transformers import pipeline
 
 import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
 from mmshiftkv.models import get_adapter
-from mmshiftkv.models.tiny import make_video
 from mmshiftkv.presses import FullKVPress, ShiftKVPress, SnapKVPress
+from mmshiftkv.testing import make_video, tiny
 
 VIDEO_FAMILIES = ("qwen2.5-vl", "qwen3-vl", "llava-onevision")
 QUESTION = "What moves in the video?"

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mmshiftkv.grounding.data import GridSpec
-from mmshiftkv.models.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer, qwen_vl_token_ids
+from mmshiftkv.tokenization import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer, qwen_vl_token_ids
 
 #: What the model writes before every answer. A press compresses the cache at the end of prefill,
 #: and the prefill forward itself, with the whole cache, already produces the first answer token: the

@@ -1,4 +1,4 @@
-"""Structural model adapters and the tiny offline models used by tests and the demo."""
+"""Structural model adapters: what a press needs to know about a model, found from its structure."""
 
 from mmshiftkv.models.adapter import ModelAdapter, UnsupportedModelError, find_decoder, get_adapter
 

@@ -1,0 +1,91 @@
+"""Tiny random-weight models of every supported family, built offline from configs.
+
+They use the real transformers model, processor and image-processor classes with a byte-level
+tokenizer built in code (:func:`mmshiftkv.tokenization.build_tokenizer`), so tests, benchmarks and
+scripts run without downloading anything.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from mmshiftkv.testing.classic_models import llava, qwen_vl, text_decoder
+from mmshiftkv.testing.newer_models import (
+    gemma3,
+    glm4v,
+    idefics3,
+    internvl,
+    llava_onevision,
+    mistral3,
+    qwen3_5,
+    qwen3_vl,
+)
+from mmshiftkv.testing.refused_models import fuyu, llama4, mllama
+
+_BUILDERS: dict[str, Callable[[str, str], tuple[PreTrainedModel, Any]]] = {
+    "qwen2.5-vl": qwen_vl,
+    "qwen2-vl": qwen_vl,
+    "llava-next": llava,
+    "llava": llava,
+    "llama": text_decoder,
+    "qwen2": text_decoder,
+    "qwen3": text_decoder,
+    "mistral": text_decoder,
+    "llava-onevision": llava_onevision,
+    "internvl": internvl,
+    "mistral3": mistral3,
+    "idefics3": idefics3,
+    "smolvlm": idefics3,
+    "qwen3-vl": qwen3_vl,
+    "qwen3-vl-moe": qwen3_vl,
+    "glm4v": glm4v,
+    "gemma3": gemma3,
+    "gemma3-text": gemma3,
+    "qwen3.5": qwen3_5,
+    "qwen3.5-text": qwen3_5,
+    "mllama": mllama,
+    "llama4": llama4,
+    "fuyu": fuyu,
+}
+
+
+def build_tiny_model(
+    family: str, attn_implementation: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, Any]:
+    """A tiny random-weight model of ``family`` and its processor (tokenizer for text models and fuyu).
+
+    Every decoder has 2-4 layers, 4 query heads sharing 2 KV heads, fp32 weights, eval mode; the
+    processors carry a chat template that places the image (and video) tokens.
+
+    Parameters
+    ----------
+    family : str
+        One of :data:`ALL_FAMILIES` or :data:`REFUSED_FAMILIES`.
+    attn_implementation : str, default="sdpa"
+        ``"sdpa"`` or ``"eager"``.
+    seed : int, default=0
+        Seed of the random weights (the global RNG state is restored afterwards).
+    dtype : torch.dtype, default=torch.float32
+        Parameter dtype.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown tiny model family {family!r}; choose from {', '.join(_BUILDERS)}")
+    builder = _BUILDERS[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = builder(family, attn_implementation)
+    return model.to(dtype).eval(), processor
+
+
+@functools.cache
+def tiny(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, Any]:
+    """:func:`build_tiny_model` with the default seed and dtype, built once per process and shared.
+
+    Callers must not change the returned model (its weights, config or generation config).
+    """
+    return build_tiny_model(family, attn_implementation=attn)
