@@ -21,7 +21,8 @@ from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from mmshiftkv.models.adapter import ModelAdapter, get_adapter
-from mmshiftkv.presses.base import BudgetedPress, ScoringState
+from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.presses.state import ScoringState
 
 
 @dataclass

@@ -1,14 +1,8 @@
 """Presses: which prompt tokens each KV head keeps after prefill."""
 
-from mmshiftkv.presses.base import (
-    BudgetedPress,
-    CompressionSkippedWarning,
-    CompressionStats,
-    PressUsageError,
-    ScoringState,
-    UnsupportedCacheError,
-)
+from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.budget_press import BudgetPress
+from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
 from mmshiftkv.presses.expected_attention import ExpectedAttentionPress
 from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.presses.keydiff import KeyDiffPress
@@ -16,6 +10,7 @@ from mmshiftkv.presses.last_attn import LastAttnPress
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.presses.shiftkv import ShiftKVPress
 from mmshiftkv.presses.snapkv import SnapKVPress
+from mmshiftkv.presses.state import CompressionStats, ScoringState
 from mmshiftkv.presses.streaming_llm import StreamingLLMPress
 
 #: Every press class by its name, as the CLI and the demo accept them.

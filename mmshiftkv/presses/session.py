@@ -1,0 +1,360 @@
+"""One ``with press(model):`` block: the hooks that find each prefill and let the press compress it.
+
+:meth:`BudgetedPress.__call__ <mmshiftkv.presses.base.BudgetedPress.__call__>` builds a
+:class:`PressSession`, which owns everything that exists only while the block runs: the model's
+adapter, the state of the forward in flight, the hooks on the decoder, its rotary embedding and its
+KV-holding attention layers, the guard around ``model.generate``, and the entry of the model in the
+registry of active presses (one press per model, one model per press).
+
+What the hooks rely on is behaviour, not keyword names: the KV cache is the :class:`Cache` among a
+forward's arguments, the prefill is the decoder forward that starts on an empty cache, positions
+are what the rotary embedding receives, padding is read off whatever mask the decoder gets (a 2-D
+padding mask, a 4-D mask or a dict of them, :mod:`mmshiftkv.cache.masks`).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Generator, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+
+from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache
+from mmshiftkv.cache.masks import last_rows, padding_mask
+from mmshiftkv.models.adapter import get_adapter
+from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
+from mmshiftkv.presses.state import ScoringState
+
+if TYPE_CHECKING:
+    from mmshiftkv.presses.base import BudgetedPress
+
+
+#: Cache layers a press can replace by a :class:`~mmshiftkv.cache.CompressedLayer`: plain growing
+#: layers (sliding-window layers are subclasses and are handled separately). Static layers keep a
+#: fixed-size buffer the model's masks are built for, quantized layers hold most tokens in packed
+#: form: swapping either silently changes the model's output, so they are refused.
+def _compressible(layer: object) -> bool:
+    kind = type(layer)
+    if isinstance(layer, CompressedLayer):
+        return True
+    return isinstance(layer, DynamicLayer) and kind.__name__ in {
+        "DynamicLayer",
+        "DynamicSlidingWindowLayer",
+    }
+
+
+def check_compressible(cache: object, press_name: str) -> None:
+    """Raise :class:`UnsupportedCacheError` unless every KV layer of ``cache`` can be compressed."""
+    if not isinstance(cache, Cache):
+        raise UnsupportedCacheError(f"{press_name} compresses a transformers Cache, not {type(cache)}")
+    kv_layers = [layer for layer in cache.layers if isinstance(layer, DynamicLayer | CompressedLayer)]
+    others = [layer for layer in cache.layers if not isinstance(layer, DynamicLayer | CompressedLayer)]
+    unsupported = sorted({type(layer).__name__ for layer in kv_layers if not _compressible(layer)})
+    # Linear-attention state layers of hybrid models hold no KV and are left alone; anything else
+    # that is not a dynamic KV layer (static, quantized, offloaded) is refused.
+    unsupported += sorted(
+        {
+            type(layer).__name__
+            for layer in others
+            if not type(layer).__name__.startswith(("LinearAttention", "Dummy"))
+        }
+    )
+    offloaded = bool(getattr(cache, "offloading", False))
+    if unsupported or offloaded:
+        what = ", ".join(unsupported) + " layers" if unsupported else "offloaded layers"
+        raise UnsupportedCacheError(
+            f"{press_name} compresses DynamicCache layers, not {type(cache).__name__} with {what}: leave "
+            "cache_implementation unset or pass a DynamicCache() (static, offloaded and quantized caches are "
+            "not supported)"
+        )
+
+
+def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:
+    """Refuse right-padded prompts: their last token is padding and would be kept as the prompt's last."""
+    if not bool(key_mask[:, -1].all()):
+        raise PressUsageError(
+            f"{press_name}: a sample of the batch ends in padding (right padding). Presses need left "
+            "padding: "
+            "set tokenizer.padding_side = 'left' (or processor.tokenizer.padding_side = 'left')"
+        )
+    if not bool(key_mask.any(-1).all()):
+        raise PressUsageError(f"{press_name}: a sample of the batch has no real token")
+
+
+def _attention_input(args: tuple, kwargs: dict, hidden_size: int) -> torch.Tensor:
+    """The attention layer's input hidden states, found by shape rather than by keyword."""
+    candidates: Iterable[Any] = [*args, kwargs.get("hidden_states"), *kwargs.values()]
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[-1] == hidden_size:
+            return value
+    raise PressUsageError(
+        f"cannot find the attention input (a (batch, seq_len, {hidden_size}) tensor) among the "
+        "attention layer's "
+        "arguments"
+    )
+
+
+# The press active on each model, to refuse a second press on the same model.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, BudgetedPress] = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
+
+
+@dataclass
+class _Forward:
+    """What the decoder pre-hook learns about one forward, before its layers run."""
+
+    cache: Cache | None
+    #: True: the forward starts on an empty cache; False: it continues one (or has none); None: no
+    #: cache was given and the decoder may build one (settled by the first attention layer).
+    prefill: bool | None
+    state: ScoringState
+    checked_length: bool = False
+
+
+class PressSession:
+    """``press`` applied to ``model`` for one ``with`` block (built by ``press(model)``).
+
+    Creating it claims ``model`` for ``press`` in the registry of active presses; :meth:`applied`
+    installs the hooks for the duration of its block and releases everything on exit.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the model's structure cannot be compressed (the message names the missing part).
+    PressUsageError
+        If ``press`` is already active (one press object compresses one model at a time), or
+        another press is already active on ``model``.
+    """
+
+    def __init__(self, press: BudgetedPress, model: nn.Module) -> None:
+        self.press = press
+        self.name = type(press).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{self.name}(...) is applied to a model: `with press(model):`, got {type(model).__name__}"
+            )
+        self.adapter = get_adapter(model)
+        self.model = model
+        #: The forward in flight, set by the decoder pre-hook; None between forwards.
+        self.forward: _Forward | None = None
+        self.prefills_seen = 0
+        #: Inside ``model.generate``: the prompt's length, which the prefill forward must hold.
+        self.generate_prompt_length: int | None = None
+        with _ACTIVE_LOCK:
+            active = press._session
+            if active is not None:
+                raise PressUsageError(
+                    f"this {self.name} is already active on a {type(active.model).__name__}; "
+                    "one press "
+                    "object compresses one model at a time (create another press for a second model, "
+                    "and do not "
+                    "nest a press inside itself)"
+                )
+            other = _ACTIVE.get(model)
+            if other is not None:
+                raise PressUsageError(
+                    f"{type(model).__name__} already runs under a {type(other).__name__}; presses do "
+                    "not nest. "
+                    "Exit the first `with` before entering another press"
+                )
+            _ACTIVE[model] = press
+            press._session = self
+
+    @contextmanager
+    def applied(self) -> Generator[None, None, None]:
+        """Hooks, the ``generate`` guard and compressed attention on the model; all removed on exit."""
+        press, model, adapter = self.press, self.model, self.adapter
+        hooks: list = []
+        try:
+            if press.allocator is not None:
+                press.allocator.bind(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads)
+            press.post_init_from_model(model)
+            decoder = adapter.decoder
+            hooks.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
+            hooks.append(decoder.register_forward_hook(self._decoder_hook, with_kwargs=True))
+            hooks.append(
+                adapter.rotary_emb.register_forward_pre_hook(self._rotary_pre_hook, with_kwargs=True)
+            )
+            hooks += [
+                m.register_forward_hook(self._attention_hook, with_kwargs=True)
+                for m in adapter.attention_modules
+            ]
+            own_generate = vars(model).get("generate")
+            if hasattr(model, "generate"):
+                # An instance attribute, removed on exit: generate's prompt length tells a chunked or
+                # assisted prefill (which a press cannot compress correctly) from a whole-prompt one.
+                model.generate = self._guarded_generate(model.generate)
+            try:
+                with compressed_attention(model):
+                    yield
+            finally:
+                if own_generate is not None:
+                    model.generate = own_generate
+                elif "generate" in vars(model):
+                    del model.generate
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.forward = None
+            with _ACTIVE_LOCK:
+                _ACTIVE.pop(model, None)
+                press._session = None
+
+    def warn_if_nothing_compressed(self) -> None:
+        """After the block: a press asked to compress that saw no prefill compressed nothing."""
+        if self.press.asks_compression and self.prefills_seen == 0:
+            warnings.warn(
+                f"{self.name}: no prefill ran inside the press context, nothing was compressed.",
+                CompressionSkippedWarning,
+                stacklevel=4,
+            )
+
+    # ---------------------------------------------------------------- hooks
+    def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = find_cache(args, kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
+        # No cache given: the decoder may build one itself (``model(..., use_cache=True)``); the first
+        # attention layer tells (see ``_attention_hook``).
+        prefill = None if cache is None else past == 0
+        mask = kwargs.get("attention_mask") if prefill is not False else None
+        if cache is None and self.press.asks_compression:
+            misplaced = [
+                name
+                for name, value in kwargs.items()
+                if ("cache" in name or "past_key" in name)
+                and value is not None
+                and not isinstance(value, bool | torch.Tensor)
+            ]
+            if misplaced:
+                raise UnsupportedCacheError(
+                    f"{self.name} compresses a transformers Cache, not the "
+                    f"{type(kwargs[misplaced[0]])} "
+                    f"given as {misplaced[0]}= (legacy tuple caches are not supported: pass DynamicCache())"
+                )
+        self.forward = _Forward(
+            cache=cache,
+            prefill=prefill,
+            state=ScoringState(adapter=self.adapter, key_mask=padding_mask(mask), visibility=last_rows(mask)),
+        )
+        if prefill and self.press.asks_compression:
+            self._check_prefill(cache, kwargs)
+
+    def _check_prefill(self, cache: Cache, kwargs: dict) -> None:
+        check_compressible(cache, self.name)
+        config = self.adapter.text_config
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise PressUsageError(
+                f"{self.name}: output_attentions=True under a compressing press would return "
+                "attentions without the evicted tokens (or none at all where mmshiftkv's attention reads a "
+                "compressed layer); run the analysis without a press"
+            )
+
+    def _cache_built_inside(self, forward: _Forward, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Settle a forward that got no cache: did the decoder build one, holding just this forward?"""
+        cache = find_cache(args, kwargs)
+        hidden_states = _attention_input(args, kwargs, self.adapter.text_config.hidden_size)
+        layer = cache.layers[module.layer_idx] if cache is not None else None
+        forward.prefill = layer is not None and layer.get_seq_length() == hidden_states.shape[1]
+        if forward.prefill:
+            forward.cache = cache
+            if self.press.asks_compression:
+                self._check_prefill(cache, kwargs)
+        elif cache is None and self.press.asks_compression:
+            warnings.warn(
+                f"{self.name}: a forward ran without a KV cache (use_cache=False?); nothing to "
+                "compress in it",
+                CompressionSkippedWarning,
+                stacklevel=3,
+            )
+
+    def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Refuse a cache the decoder built or used that is not a transformers ``Cache``."""
+        forward = self.forward
+        if forward is None or forward.cache is not None or not self.press.asks_compression:
+            return
+        values = output.values() if hasattr(output, "values") else ()
+        plain = torch.Tensor | tuple | list | dict | Cache
+        foreign = [v for v in values if v is not None and not isinstance(v, plain)]
+        if foreign:
+            raise UnsupportedCacheError(
+                f"{self.name} compresses a transformers Cache; {type(module).__name__} used a "
+                f"{type(foreign[0]).__name__} (a model-specific cache class of this transformers "
+                "release), so "
+                "nothing could be compressed. Use a transformers release where this model uses DynamicCache"
+            )
+
+    def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        forward = self.forward
+        if forward is None or forward.prefill is False:
+            return
+        values = [*args, *kwargs.values()]
+        like = next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+        positions = next(v for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
+        forward.state.positions = self.adapter.normalize_positions(positions, like.shape[0])
+
+    def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        forward = self.forward
+        if forward is not None and forward.prefill is None:
+            self._cache_built_inside(forward, module, args, kwargs)
+        if forward is None or not forward.prefill:
+            return output
+        hidden_states = _attention_input(args, kwargs, self.adapter.text_config.hidden_size)
+        self._check_prompt_length(forward, hidden_states.shape[1])
+        if forward.state.positions is None:
+            raise PressUsageError(
+                f"{self.name}: the decoder's rotary embedding was not called before layer "
+                f"{module.layer_idx}; cannot know the prompt positions"
+            )
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        press = self.press
+        if module is self.adapter.attention_modules[0]:
+            self.prefills_seen += 1
+            if press.asks_compression and forward.state.key_mask is not None:
+                check_left_padding(forward.state.key_mask, self.name)
+        with press.scoring(forward.state):
+            press.compress_layer(module, hidden_states, forward.cache, attentions, kwargs)
+        return output
+
+    def _check_prompt_length(self, forward: _Forward, length: int) -> None:
+        """Inside ``generate``: the prefill forward must hold exactly the prompt."""
+        expected = self.generate_prompt_length
+        if forward.checked_length or expected is None:
+            return
+        forward.checked_length = True
+        if length < expected:
+            raise PressUsageError(
+                f"{self.name}: generate prefilled {length} of the prompt's {expected} "
+                "tokens in its first "
+                "forward (chunked prefill, prefill_chunk_size=...). A press scores the whole prompt at once: "
+                "remove prefill_chunk_size"
+            )
+        if length > expected:
+            raise PressUsageError(
+                f"{self.name}: generate's first forward holds {length} tokens for a "
+                f"{expected}-token "
+                "prompt: assisted / speculative decoding (assistant_model=, "
+                "prompt_lookup_num_tokens=) verifies "
+                "candidate tokens in the prefill, which a press would compress as prompt. Not supported: "
+                "generate without an assistant under a press"
+            )
+
+    def _guarded_generate(self, generate: Callable) -> Callable:
+        def generate_under_press(*args, **kwargs):
+            prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            if prompt is None:
+                prompt = kwargs.get("inputs_embeds")
+            self.generate_prompt_length = None if prompt is None else int(prompt.shape[1])
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.generate_prompt_length = None
+
+        return generate_under_press
