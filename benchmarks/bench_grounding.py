@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import transformers
 
-from mmshiftkv import allocators
 from mmshiftkv.allocators.calibrate import compute_visual_head_scores
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.runner import analyze_samples
@@ -52,7 +51,8 @@ from mmshiftkv.grounding import (
     make_dataset,
     make_sample,
 )
-from mmshiftkv.presses import PRESSES, BudgetedPress, CompressionSkippedWarning, FullKVPress, ShiftKVPress
+from mmshiftkv.presses import BudgetedPress, CompressionSkippedWarning, FullKVPress, ShiftKVPress
+from mmshiftkv.registry import ALLOCATORS, FULL, PRESSES, make_allocator, make_press
 
 #: Seed of the SparseMM calibration images (training uses 0, evaluation EVAL_SEED).
 CALIBRATION_SEED = 77
@@ -80,29 +80,15 @@ SHIFTKV_VARIANTS: dict[str, dict[str, Any]] = {
     "shiftkv(voting=False)": {"voting": False},
     "shiftkv(position_stride=1)": {"position_stride": 1},
 }
-ALLOCATIONS = ("uniform", "pyramid", "ada", "sparsemm")
 
 
-def make_press(
+def allocated_press(
     press_name: str, kwargs: dict[str, Any], allocation: str, budget: int, head_scores: dict[str, list[float]]
 ) -> BudgetedPress:
-    """``PRESSES[press_name]`` with ``kwargs`` at ``budget`` under ``allocation``."""
-    allocator = make_allocator(allocation, budget, head_scores)
-    return PRESSES[press_name](budget=budget, allocator=allocator, **kwargs)
-
-
-def make_allocator(
-    name: str, budget: int, head_scores: dict[str, list[float]]
-) -> allocators.Allocator | None:
-    """``name``'s allocator with a window of a quarter of the budget (None: uniform)."""
-    window = budget // 4
-    if name == "uniform":
-        return None
-    if name == "pyramid":
-        return allocators.PyramidAllocator(window=window)
-    if name == "ada":
-        return allocators.AdaAllocator(window=window)
-    return allocators.SparseMMAllocator(head_scores=head_scores, window=window)
+    """``press_name`` with ``kwargs`` at ``budget`` under ``allocation``, windowed allocators with a
+    window of a quarter of the budget."""
+    allocator = make_allocator(allocation, head_scores=head_scores, window=budget // 4)
+    return make_press(press_name, budget=budget, allocator=allocator, **kwargs)
 
 
 def shiftkv_variant(name: str, budget: int) -> ShiftKVPress:
@@ -148,7 +134,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the question set")
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT_DIR)
-    parser.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    parser.add_argument("--allocations", default=",".join(ALLOCATORS))
     parser.add_argument("--calibration-samples", type=int, default=32, help="SparseMM head-score images")
     parser.add_argument("--analysis-samples", type=int, default=24, help="Fig. 1 prompts")
     parser.add_argument("--analysis-budget", type=int, default=8)
@@ -157,10 +143,10 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
     allocations = args.allocations.split(",")
-    if unknown := set(allocations) - set(ALLOCATIONS):
-        parser.error(f"unknown allocation(s) {sorted(unknown)}; choose from {', '.join(ALLOCATIONS)}")
-    if {press for press, _ in PRESS_CONFIGS.values()} != set(PRESSES) - {"full"}:
-        raise RuntimeError("PRESS_CONFIGS must cover every press in mmshiftkv.presses.PRESSES but FullKV")
+    if unknown := set(allocations) - set(ALLOCATORS):
+        parser.error(f"unknown allocation(s) {sorted(unknown)}; choose from {', '.join(ALLOCATORS)}")
+    if {press for press, _ in PRESS_CONFIGS.values()} != set(PRESSES) - {FULL}:
+        raise RuntimeError("PRESS_CONFIGS must cover every press in mmshiftkv.registry.PRESSES but FullKV")
 
     torch.set_num_threads(args.threads)
     transformers.logging.disable_progress_bar()
@@ -186,7 +172,11 @@ def main() -> None:
     runs: list[tuple[str, str, Callable[[int], BudgetedPress]]] = []
     for allocation in allocations:
         runs += [
-            (allocation, name, partial(make_press, press_name, kwargs, allocation, head_scores=head_scores))
+            (
+                allocation,
+                name,
+                partial(allocated_press, press_name, kwargs, allocation, head_scores=head_scores),
+            )
             for name, (press_name, kwargs) in PRESS_CONFIGS.items()
         ]
         if allocation == "uniform":

@@ -205,7 +205,7 @@ def generate_step(cpu: bool) -> dict:
     """``generate`` under every press, every family, sdpa (+ flash-attention 2): which ran, which matched."""
     import torch
 
-    from mmshiftkv.presses import PRESSES
+    from mmshiftkv.registry import PRESSES
     from mmshiftkv.testing import FAMILIES, build_tiny_model
 
     device = "cpu" if cpu else "cuda"

@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PRESSES": "mmshiftkv.presses",
+    "PRESSES": "mmshiftkv.registry",
     "BudgetPress": "mmshiftkv.presses",
     "BudgetedPress": "mmshiftkv.presses",
     "CompressionSkippedWarning": "mmshiftkv.presses",

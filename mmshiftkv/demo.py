@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from mmshiftkv.evaluation.runner import EvalSetupError, encode_messages, generate_answers, load_model
 from mmshiftkv.grounding import ANSWER_PREFIX, EVAL_SEED, KINDS, load_grounding_model, make_sample
-from mmshiftkv.presses import PRESSES, BudgetedPress, FullKVPress, SnapKVPress, StreamingLLMPress
+from mmshiftkv.presses import BudgetedPress, SnapKVPress, StreamingLLMPress
+from mmshiftkv.registry import FULL, PRESSES, make_press
 
 DEFAULT_QUESTION = "What is written in the picture?"
 
@@ -194,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0, help="which generated layout (embedded model)")
     parser.add_argument(
         "--presses",
-        default=",".join(name for name in PRESSES if name != "full"),
+        default=",".join(name for name in PRESSES if name != FULL),
         help="comma list of presses to compare with FullKV (default: all): "
-        + ", ".join(name for name in PRESSES if name != "full"),
+        + ", ".join(name for name in PRESSES if name != FULL),
     )
     parser.add_argument(
         "--budgets", type=_budgets, default="32,16,8,4", help="tokens per KV head, comma separated"
@@ -240,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cache of one question (mean, padding excluded); answers without the model's lead-in"
         )
 
-    presses = [FullKVPress()] + [PRESSES[name](budget=budget) for name in names for budget in args.budgets]
+    presses = [make_press(FULL)] + [
+        make_press(name, budget=budget) for name in names for budget in args.budgets
+    ]
     rows = [run_one(model, processor, inputs, press, args.max_new_tokens) for press in presses]
     for row in rows:
         if args.json:

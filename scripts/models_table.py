@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from mmshiftkv.models import UnsupportedModelError, get_adapter
-from mmshiftkv.presses import PRESSES, FullKVPress, ShiftKVPress
+from mmshiftkv.registry import FULL, PRESSES, make_press
 from mmshiftkv.testing import ALL_FAMILIES, QUESTION, REFUSED_FAMILIES, build_tiny_model, make_inputs
 
 BUDGET = 8
@@ -39,15 +39,15 @@ def row(family: str) -> str:
     inputs = make_inputs(family, processor, [QUESTION, "Short?"])
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with FullKVPress()(model), torch.no_grad():
+    with make_press(FULL)(model), torch.no_grad():
         full = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     cells = ["✓" if torch.equal(plain, full) else "differs"]
     positions: list[torch.Tensor] = []
-    for press_cls in PRESSES.values():
-        if press_cls is FullKVPress:
+    for name in PRESSES:
+        if name == FULL:
             continue
-        extra = {"n_proxies": 64, "n_groups": 8} if press_cls is ShiftKVPress else {}
-        press = press_cls(budget=BUDGET, **extra)
+        extra = {"n_proxies": 64, "n_groups": 8} if name == "shiftkv" else {}
+        press = make_press(name, budget=BUDGET, **extra)
         hook = adapter.rotary_emb.register_forward_pre_hook(
             lambda m, a, kw: positions.append(a[1] if len(a) > 1 else kw["position_ids"]), with_kwargs=True
         )
@@ -72,7 +72,7 @@ def row(family: str) -> str:
 
 
 def main() -> None:
-    names = [name for name, cls in PRESSES.items() if cls is not FullKVPress]
+    names = [name for name in PRESSES if name != FULL]
     print("| family (class) | positions | FullKV | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * (len(names) + 1))
     for family in ALL_FAMILIES:

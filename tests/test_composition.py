@@ -8,7 +8,8 @@ from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, UniformAllocator
 from mmshiftkv.cache import CompressedLayer
-from mmshiftkv.presses import PRESSES, BudgetPress, FullKVPress, ShiftKVPress
+from mmshiftkv.presses import BudgetPress, FullKVPress, ShiftKVPress
+from mmshiftkv.registry import PRESSES
 from mmshiftkv.testing import QUESTION, greedy, make_inputs, tiny
 
 BUDGET, WINDOW = 12, 4

@@ -15,10 +15,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, UniformAllocator
 from mmshiftkv.evaluation import report, runner
 from mmshiftkv.evaluation.runner import EvalConfig, PredictionStore, RunSpec
-from mmshiftkv.presses import FullKVPress, ShiftKVPress, SnapKVPress
 
 STRINGS = datasets.Sequence(datasets.Value("string"))
 TEXT = datasets.Value("string")
@@ -266,21 +264,6 @@ def test_build_tasks_applies_overrides() -> None:
     assert tasks["mmmu_val"].open_ended_scoring == "lmms-eval"
     assert {t.max_new_tokens for t in tasks.values()} == {64}
     assert {t.seed for t in tasks.values()} == {7}
-
-
-def test_build_press_with_each_allocator(tmp_path: Path) -> None:
-    assert type(runner.build_press("full")) is FullKVPress
-    press = runner.build_press("shiftkv", 64, "pyramid", allocator_window=8)
-    assert type(press) is ShiftKVPress and press.budget == 64
-    assert type(press.allocator) is PyramidAllocator and press.allocator.window == 8
-    assert type(runner.build_press("snapkv", 64, "uniform").allocator) is UniformAllocator
-    assert type(runner.build_press("snapkv", 64, "ada").allocator) is AdaAllocator
-    scores = tmp_path / "scores.json"
-    scores.write_text(json.dumps({"0-0": [1.0], "0-1": [2.0]}))
-    press = runner.build_press("snapkv", 64, "sparsemm", head_scores=str(scores))
-    assert type(press) is SnapKVPress and type(press.allocator) is SparseMMAllocator
-    with pytest.raises(ValueError, match="budget"):
-        runner.build_press("snapkv")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmshiftkv.presses import PRESSES
+from mmshiftkv.registry import PRESSES
 from mmshiftkv.testing import FAMILIES
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_acceptance.py"

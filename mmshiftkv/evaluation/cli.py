@@ -15,7 +15,6 @@ import torch
 
 from mmshiftkv.evaluation import profiling, report
 from mmshiftkv.evaluation.runner import (
-    ALLOCATORS,
     DTYPES,
     EvalConfig,
     EvalSetupError,
@@ -27,7 +26,7 @@ from mmshiftkv.evaluation.runner import (
     task_conversations,
 )
 from mmshiftkv.evaluation.tasks import TASKS
-from mmshiftkv.presses import PRESSES
+from mmshiftkv.registry import ALLOCATORS, PRESSES
 
 
 def _names(value: str) -> tuple[str, ...]:

@@ -43,7 +43,8 @@ from transformers.initialization import no_init_weights
 from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.runner import load_model
-from mmshiftkv.presses import PRESSES, BudgetedPress
+from mmshiftkv.presses import BudgetedPress
+from mmshiftkv.registry import FULL, PRESSES, make_press, press_name
 
 __all__ = [
     "QWEN25_VL_7B_TEXT",
@@ -233,8 +234,8 @@ def profile_point(
         hook.remove()
     steps = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
     return ProfilePoint(
-        method=report.method_label(_press_name(press)),
-        press=_press_name(press),
+        method=report.method_label(press_name(press)),
+        press=press_name(press),
         budget=press.budget,
         input_length=input_length,
         decode_tokens=decode_tokens,
@@ -246,10 +247,6 @@ def profile_point(
         memory_method=memory.method,
         kv_cache_bytes=kv_cache_bytes(returned_cache(output)),
     )
-
-
-def _press_name(press: BudgetedPress) -> str:
-    return next(name for name, cls in PRESSES.items() if type(press) is cls)
 
 
 def run_profile(
@@ -265,15 +262,15 @@ def run_profile(
 
     A short warm-up generation runs first so one-off initialisation is not timed.
     """
-    names = ["full", *[p for p in presses if p != "full"]]
+    names = [FULL, *[p for p in presses if p != FULL]]
     unknown = [p for p in names if p not in PRESSES]
     if unknown:
         raise ValueError(f"unknown press(es) {unknown}; choose from {', '.join(PRESSES)}")
-    profile_point(model, PRESSES["full"](), min(64, min(lengths)), 2, seed)
+    profile_point(model, make_press(FULL), min(64, min(lengths)), 2, seed)
     points = []
     for length in lengths:
         for name in names:
-            press = PRESSES[name]() if name == "full" else PRESSES[name](budget=budget)
+            press = make_press(name, budget=budget)
             point = profile_point(model, press, length, decode_tokens, seed)
             points.append(point)
             if on_point is not None:

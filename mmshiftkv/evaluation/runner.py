@@ -44,23 +44,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel, set_seed
 from transformers.utils import logging as transformers_logging
 
-from mmshiftkv.allocators import (
-    AdaAllocator,
-    Allocator,
-    PyramidAllocator,
-    SparseMMAllocator,
-    UniformAllocator,
-)
 from mmshiftkv.allocators.base import budget_after_window
 from mmshiftkv.cache.compat import cache_argument
 from mmshiftkv.evaluation import report
 from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
 from mmshiftkv.evaluation.tasks import TASKS, TaskSpec, get_task
 from mmshiftkv.models.adapter import get_adapter
-from mmshiftkv.presses import PRESSES, BudgetedPress
+from mmshiftkv.presses import BudgetedPress
+from mmshiftkv.registry import ALLOCATORS, FULL, PRESSES, make_allocator, make_press
 
 __all__ = [
-    "ALLOCATORS",
     "DTYPES",
     "EvalConfig",
     "EvalSetupError",
@@ -69,8 +62,6 @@ __all__ = [
     "PredictionStore",
     "RunSpec",
     "analyze_samples",
-    "build_allocator",
-    "build_press",
     "build_tasks",
     "encode_messages",
     "generate_answers",
@@ -85,8 +76,6 @@ __all__ = [
     "task_conversations",
 ]
 
-#: Allocator names accepted by ``--allocators``; "uniform" is the paper's default (Tables 1-2).
-ALLOCATORS = ("uniform", "pyramid", "ada", "sparsemm")
 #: ``--dtype`` choices; "auto" keeps the checkpoint's dtype.
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
@@ -94,7 +83,6 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
-FULL = "full"
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = False) -> None:
@@ -116,12 +104,12 @@ class EvalConfig:
     tasks : tuple of str
         lmms-eval task names (:data:`~mmshiftkv.evaluation.tasks.TASKS`), in table column order.
     presses : tuple of str
-        :data:`~mmshiftkv.presses.PRESSES` names; ``"full"`` runs once per task, the others once
+        :data:`~mmshiftkv.registry.PRESSES` names; ``"full"`` runs once per task, the others once
         per (allocator, budget).
     budgets : tuple of int
         Prompt tokens kept per KV head (the paper: 64, 128, 256, 512).
     allocators : tuple of str
-        :data:`ALLOCATORS` names; ``"sparsemm"`` needs ``head_scores``.
+        :data:`~mmshiftkv.registry.ALLOCATORS` names; ``"sparsemm"`` needs ``head_scores``.
     output_dir : str
         Where predictions and results go; rerunning with the same directory resumes.
     limit : int, optional
@@ -224,13 +212,22 @@ class EvalConfig:
         if all(p == FULL for p in self.presses):
             return
         for name in self.allocators:
-            allocator = build_allocator(name, self.head_scores, self.allocator_window)
+            allocator = make_allocator(name, head_scores=self.head_scores, window=self.allocator_window)
             window = getattr(allocator, "window", None)
             for budget in self.budgets if window is not None else ():
                 try:
                     budget_after_window(budget, window)
                 except ValueError as error:
                     raise ValueError(f"allocator {name!r}: {error} (--allocator-window)") from None
+
+    def press_for(self, run: RunSpec) -> BudgetedPress:
+        """A fresh press of ``run`` with this evaluation's allocator settings (head scores, window)."""
+        allocator = None
+        if run.allocator is not None:
+            allocator = make_allocator(
+                run.allocator, head_scores=self.head_scores, window=self.allocator_window
+            )
+        return make_press(run.press, budget=run.budget, allocator=allocator)
 
     def fingerprint(self, tasks: Mapping[str, TaskSpec]) -> dict[str, Any]:
         """What the stored predictions depend on; a resumed run must match it.
@@ -302,40 +299,6 @@ def build_tasks(config: EvalConfig) -> dict[str, TaskSpec]:
             overrides["open_ended_scoring"] = config.mmmu_open_scoring
         tasks[name] = get_task(name, dataset_org=config.dataset_org, **overrides)
     return tasks
-
-
-def build_allocator(name: str, head_scores: str | None = None, window: int | None = None) -> Allocator:
-    """An allocator by its :data:`ALLOCATORS` name; ``window`` applies to the windowed ones."""
-    if name not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {name!r}; choose from {', '.join(ALLOCATORS)}")
-    if name == "uniform":
-        return UniformAllocator()
-    kwargs: dict[str, Any] = {} if window is None else {"window": window}
-    if name == "pyramid":
-        return PyramidAllocator(**kwargs)
-    if name == "ada":
-        return AdaAllocator(**kwargs)
-    if head_scores is None:
-        raise ValueError("the sparsemm allocator needs a head-score file")
-    return SparseMMAllocator(head_scores=head_scores, **kwargs)
-
-
-def build_press(
-    press: str,
-    budget: int | None = None,
-    allocator: str | None = None,
-    head_scores: str | None = None,
-    allocator_window: int | None = None,
-) -> BudgetedPress:
-    """A fresh press: ``PRESSES[press]()`` for FullKV, else with ``budget`` and its allocator."""
-    if press not in PRESSES:
-        raise ValueError(f"unknown press {press!r}; choose from {', '.join(PRESSES)}")
-    if press == FULL:
-        return PRESSES[press]()
-    if budget is None:
-        raise ValueError(f"press {press!r} needs a budget")
-    alloc = None if allocator is None else build_allocator(allocator, head_scores, allocator_window)
-    return PRESSES[press](budget=budget, allocator=alloc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,7 +707,7 @@ def _check_allocators_fit(config: EvalConfig, model: PreTrainedModel) -> None:
         return
     adapter = get_adapter(model)
     for name in config.allocators:
-        allocator = build_allocator(name, config.head_scores, config.allocator_window)
+        allocator = make_allocator(name, head_scores=config.head_scores, window=config.allocator_window)
         try:
             allocator.bind(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads)
         except ValueError as error:
@@ -777,9 +740,7 @@ def _evaluate_run(
             batch = list(indices[start : start + config.batch_size])
             rows = [dataset[i] for i in batch]
             inputs = encode_messages(processor, [task.build_messages(row) for row in rows], model.device)
-            press = build_press(
-                run.press, run.budget, run.allocator, config.head_scores, config.allocator_window
-            )
+            press = config.press_for(run)
             answers = generate_answers(model, processor, inputs, press, task.max_new_tokens)
             for index, row, answer in zip(batch, rows, answers):
                 prediction = task.postprocess(answer["generated"])
@@ -900,7 +861,7 @@ def analyze_samples(
         inputs = encode_messages(processor, [conversation], model.device)
         shifts.append(hidden_state_shift(model, inputs, max_new_tokens))
         for name in presses:
-            press = build_press(name, None if name == FULL else budget)
+            press = make_press(name, budget=budget)
             per_step[name].append(attention_coverage(model, inputs, press, max_new_tokens).per_step)
     stats = ("prefill_mean", "prefill_std", "decode_mean", "decode_std")
     layers = [

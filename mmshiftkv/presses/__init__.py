@@ -1,4 +1,4 @@
-"""Presses: which prompt tokens each KV head keeps after prefill."""
+"""Presses: which prompt tokens each KV head keeps after prefill (by name: :mod:`mmshiftkv.registry`)."""
 
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.budget_press import BudgetPress
@@ -13,19 +13,7 @@ from mmshiftkv.presses.snapkv import SnapKVPress
 from mmshiftkv.presses.state import CompressionStats, ScoringState
 from mmshiftkv.presses.streaming_llm import StreamingLLMPress
 
-#: Every press class by its name, as the CLI and the demo accept them.
-PRESSES: dict[str, type[BudgetedPress]] = {
-    "full": FullKVPress,
-    "shiftkv": ShiftKVPress,
-    "snapkv": SnapKVPress,
-    "streaming_llm": StreamingLLMPress,
-    "keydiff": KeyDiffPress,
-    "expected_attention": ExpectedAttentionPress,
-    "last_attn": LastAttnPress,
-}
-
 __all__ = [
-    "PRESSES",
     "BudgetPress",
     "BudgetedPress",
     "CompressionSkippedWarning",
