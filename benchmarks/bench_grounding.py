@@ -8,7 +8,7 @@ compressed cache). FullKV runs once as the reference.
 
 Allocations: uniform (every press's default), PyramidKV, AdaKV and SparseMM, all with a window
 of a quarter of the budget. SparseMM's visual-head scores are calibrated on this model by the
-SparseMM procedure (:func:`mmshiftkv.allocators.calibrate.compute_visual_head_scores`) on
+SparseMM procedure (:func:`mmshiftkv.evaluation.calibrate.compute_visual_head_scores`) on
 "read all items" images from a stream neither training nor evaluation uses. ShiftKV's ablations
 (paper Table 5) and the authors' preset run with uniform budgets.
 
@@ -38,9 +38,10 @@ from typing import Any
 import torch
 import transformers
 
-from mmshiftkv.allocators.calibrate import compute_visual_head_scores
 from mmshiftkv.evaluation import report
-from mmshiftkv.evaluation.runner import analyze_samples
+from mmshiftkv.evaluation.analysis import analyze_samples
+from mmshiftkv.evaluation.calibrate import compute_visual_head_scores
+from mmshiftkv.generation import user_turn
 from mmshiftkv.grounding import (
     CHECKPOINT_DIR,
     EVAL_SEED,
@@ -202,8 +203,7 @@ def main() -> None:
     conversations = []
     for index in range(args.analysis_samples):
         sample = make_sample(args.seed, index, kind="read")
-        content = [{"type": "image", "image": sample.image}, {"type": "text", "text": sample.question}]
-        conversations.append([{"role": "user", "content": content}])
+        conversations.append(user_turn(sample.question, image=sample.image))
     # 8 lead-in tokens + at least 3 symbols: every analysed decoding step is inside a real answer.
     analysis = analyze_samples(
         model, processor, conversations, list(PRESSES), args.analysis_budget, max_new_tokens=11

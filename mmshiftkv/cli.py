@@ -24,7 +24,7 @@ def _command(name: str) -> Callable[[Sequence[str]], int | None]:
     if name == "demo":
         from mmshiftkv.demo import main
     elif name == "calibrate":
-        from mmshiftkv.allocators.calibrate import main
+        from mmshiftkv.evaluation.calibrate import main
     else:
         from mmshiftkv.evaluation import cli
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from mmshiftkv.evaluation.runner import EvalSetupError, encode_messages, generate_answers, load_model
+from mmshiftkv.generation import EvalSetupError, encode_messages, generate_answers, load_model, user_turn
 from mmshiftkv.grounding import ANSWER_PREFIX, EVAL_SEED, KINDS, load_grounding_model, make_sample
 from mmshiftkv.presses import BudgetedPress, SnapKVPress, StreamingLLMPress
 from mmshiftkv.registry import FULL, PRESSES, make_press
@@ -224,11 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalSetupError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": q.image}, {"type": "text", "text": q.text}]}]
-        for q in questions
-    ]
-    inputs = encode_messages(processor, conversations, model.device)
+    inputs = encode_messages(processor, [user_turn(q.text, image=q.image) for q in questions], model.device)
     n_image = int(image_token_mask(model, inputs).sum()) // len(questions)
     lengths = inputs["attention_mask"].sum(-1).tolist()
     print(f"{len(questions)} question(s) about one image ({n_image} image tokens), prompt tokens {lengths}:")

@@ -21,10 +21,11 @@ import torch
 from test_evaluation_runner import task_rows, textcaps_available, write_task_datasets
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import mmshiftkv.allocators.calibrate
 import mmshiftkv.demo
+import mmshiftkv.evaluation.calibrate
+from mmshiftkv import generation
 from mmshiftkv.cli import main as mmshiftkv_main
-from mmshiftkv.evaluation import runner
+from mmshiftkv.evaluation import analysis, runner
 from mmshiftkv.evaluation.analysis import attention_coverage
 from mmshiftkv.presses import FullKVPress, ShiftKVPress, SnapKVPress, StreamingLLMPress
 from mmshiftkv.testing import tiny
@@ -258,13 +259,13 @@ def test_analyze_reports_full_coverage_one_and_press_coverage_in_unit_interval(w
     # the per-sample numbers are attention_coverage on the same prompt, built here by hand
     model = AutoModelForImageTextToText.from_pretrained(ws["model"]).eval()
     processor = AutoProcessor.from_pretrained(ws["model"])
-    for i, conversation in enumerate(runner.synthetic_conversations(2, 56)):
+    for i, conversation in enumerate(analysis.synthetic_conversations(2, 56)):
         image = conversation[0]["content"][0]["image"]
         text = processor.apply_chat_template(
             [
                 {
                     "role": "user",
-                    "content": [{"type": "image"}, {"type": "text", "text": runner.SYNTHETIC_QUESTION}],
+                    "content": [{"type": "image"}, {"type": "text", "text": analysis.SYNTHETIC_QUESTION}],
                 }
             ],
             add_generation_prompt=True,
@@ -312,7 +313,7 @@ def test_commands_dispatch(monkeypatch, capsys) -> None:
     seen = []
     monkeypatch.setattr(mmshiftkv.demo, "main", lambda argv: seen.append(("demo", list(argv))) or 0)
     monkeypatch.setattr(
-        mmshiftkv.allocators.calibrate, "main", lambda argv: seen.append(("calibrate", list(argv)))
+        mmshiftkv.evaluation.calibrate, "main", lambda argv: seen.append(("calibrate", list(argv)))
     )
     assert mmshiftkv_main(["demo", "--budgets", "8"]) == 0
     assert mmshiftkv_main(["calibrate", "model", "out.json"]) == 0
@@ -395,7 +396,7 @@ def test_demo_per_question_bytes_and_image_tokens_by_hand() -> None:
         [{"role": "user", "content": [{"type": "image", "image": q.image}, {"type": "text", "text": q.text}]}]
         for q in questions
     ]
-    inputs = runner.encode_messages(processor, conversations, model.device)
+    inputs = generation.encode_messages(processor, conversations, model.device)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
     image = ids == model.config.image_token_id
     config = model.config.text_config

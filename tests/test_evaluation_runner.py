@@ -15,8 +15,10 @@ import datasets
 import pytest
 from PIL import Image
 
+from mmshiftkv import generation
 from mmshiftkv.evaluation import report, runner
-from mmshiftkv.evaluation.runner import EvalConfig, PredictionStore, RunSpec
+from mmshiftkv.evaluation.config import EvalConfig, RunSpec, build_tasks, plan_runs
+from mmshiftkv.evaluation.store import OutputDirBusyError, PredictionStore, merge_fingerprint, merge_results
 
 STRINGS = datasets.Sequence(datasets.Value("string"))
 TEXT = datasets.Value("string")
@@ -212,7 +214,7 @@ def test_plan_runs_full_once_then_press_x_allocator_x_budget() -> None:
         budgets=(64, 128),
         allocators=("uniform", "pyramid"),
     )
-    runs = runner.plan_runs(config)
+    runs = plan_runs(config)
     per_task = [RunSpec("chartqa", "full")] + [
         RunSpec("chartqa", p, a, b)
         for p in ("shiftkv", "snapkv")
@@ -257,7 +259,7 @@ def test_build_tasks_applies_overrides() -> None:
         seed=7,
         mmmu_open_scoring="lmms-eval",
     )
-    tasks = runner.build_tasks(config)
+    tasks = build_tasks(config)
     assert tasks["docvqa_val"].dataset_id == "lmms-lab/DocVQA"
     assert tasks["docvqa_val"].dataset_config is None
     assert tasks["ocrbench"].dataset_id == "/data/ocr"
@@ -366,14 +368,14 @@ def test_merge_results_aggregates_complete_runs_only(tmp_path: Path) -> None:
     full, snap = RunSpec("chartqa", "full"), RunSpec("chartqa", "snapkv", "uniform", 64)
     _record_lines(store, full, [1.0, 0.0, 1.0, 1.0])
     _record_lines(store, snap, [1.0, 0.0])
-    results, incomplete = runner.merge_results(store, [full, snap], tasks, {"chartqa": 4})
+    results, incomplete = merge_results(store, [full, snap], tasks, {"chartqa": 4})
     assert len(results) == 1
     assert results[0]["method"] == "FullKV" and results[0]["budget"] is None
     assert results[0]["score"] == pytest.approx(75.0) and results[0]["table_score"] == pytest.approx(75.0)
     assert results[0]["mean_prompt_tokens"] == pytest.approx(101.5)
     assert incomplete == [{"task": "chartqa", "method": "SnapKV", "budget": 64, "done": 2, "total": 4}]
     # a smaller --limit later only uses the first samples
-    results, incomplete = runner.merge_results(store, [full, snap], tasks, {"chartqa": 2})
+    results, incomplete = merge_results(store, [full, snap], tasks, {"chartqa": 2})
     assert [r["score"] for r in results] == pytest.approx([50.0, 50.0]) and incomplete == []
 
 
@@ -450,20 +452,20 @@ def test_panels_outside_the_paper_tasks_keep_their_names_and_order(tmp_path: Pat
 
 
 def test_resume_refuses_another_setting(tmp_path: Path) -> None:
-    tasks = runner.build_tasks(EvalConfig(model="a", tasks=("chartqa",)))
+    tasks = build_tasks(EvalConfig(model="a", tasks=("chartqa",)))
     first = EvalConfig(model="a", tasks=("chartqa",)).fingerprint(tasks)
     (tmp_path / "config.json").write_text(json.dumps(first))
     # adding a task is fine, and is recorded
-    both = runner.build_tasks(EvalConfig(model="a", tasks=("chartqa", "ocrbench")))
-    merged = runner._merge_fingerprint(
+    both = build_tasks(EvalConfig(model="a", tasks=("chartqa", "ocrbench")))
+    merged = merge_fingerprint(
         tmp_path, EvalConfig(model="a", tasks=("chartqa", "ocrbench")).fingerprint(both)
     )
     assert sorted(merged["tasks"]) == ["chartqa", "ocrbench"]
     with pytest.raises(runner.EvalSetupError, match="model"):
-        runner._merge_fingerprint(tmp_path, EvalConfig(model="b", tasks=("chartqa",)).fingerprint(tasks))
-    longer = runner.build_tasks(EvalConfig(model="a", tasks=("chartqa",), max_new_tokens=5))
+        merge_fingerprint(tmp_path, EvalConfig(model="b", tasks=("chartqa",)).fingerprint(tasks))
+    longer = build_tasks(EvalConfig(model="a", tasks=("chartqa",), max_new_tokens=5))
     with pytest.raises(ValueError, match="tasks.chartqa"):
-        runner._merge_fingerprint(tmp_path, EvalConfig(model="a", tasks=("chartqa",)).fingerprint(longer))
+        merge_fingerprint(tmp_path, EvalConfig(model="a", tasks=("chartqa",)).fingerprint(longer))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,7 +536,7 @@ def test_a_second_evaluation_on_the_same_output_dir_is_refused(chartqa_setup) ->
     out = Path(setup["config"]["output_dir"])
     out.mkdir()
     with FileLock(out / "eval.lock"):  # the first evaluation, still running
-        with pytest.raises(runner.OutputDirBusyError, match="in use by another running evaluation"):
+        with pytest.raises(OutputDirBusyError, match="in use by another running evaluation"):
             _evaluate(setup)
         assert counter.calls == 0
     summary = _evaluate(setup)  # once it is done, the same command runs
@@ -588,19 +590,16 @@ def test_a_local_folder_needs_no_dataset_config(tmp_path: Path) -> None:
     config = EvalConfig(
         model="m", tasks=("docvqa_val",), dataset_ids={"docvqa_val": str(tmp_path / "docvqa")}
     )
-    assert runner.build_tasks(config)["docvqa_val"].dataset_config is None
+    assert build_tasks(config)["docvqa_val"].dataset_config is None
     # a hub id keeps the task's config, an explicit one wins
-    assert (
-        runner.build_tasks(EvalConfig(model="m", tasks=("docvqa_val",)))["docvqa_val"].dataset_config
-        == "DocVQA"
-    )
+    assert build_tasks(EvalConfig(model="m", tasks=("docvqa_val",)))["docvqa_val"].dataset_config == "DocVQA"
     explicit = EvalConfig(
         model="m",
         tasks=("docvqa_val",),
         dataset_ids={"docvqa_val": str(tmp_path / "docvqa")},
         dataset_configs={"docvqa_val": "mine"},
     )
-    assert runner.build_tasks(explicit)["docvqa_val"].dataset_config == "mine"
+    assert build_tasks(explicit)["docvqa_val"].dataset_config == "mine"
 
 
 def test_model_loading_hides_the_weight_progress_bar_and_restores_it(monkeypatch) -> None:
@@ -614,10 +613,10 @@ def test_model_loading_hides_the_weight_progress_bar_and_restores_it(monkeypatch
             "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection"
         )
 
-    monkeypatch.setattr(runner.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(generation.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
     assert transformers_logging.is_progress_bar_enabled()
-    with pytest.raises(runner.EvalSetupError) as info:
-        runner.load_model("org/model")
+    with pytest.raises(generation.EvalSetupError) as info:
+        generation.load_model("org/model")
     assert seen == [False] and transformers_logging.is_progress_bar_enabled()
     assert str(info.value) == (
         "cannot load the model 'org/model': OSError: We couldn't connect to 'https://huggingface.co' to load "

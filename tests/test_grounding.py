@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmshiftkv.allocators.calibrate import chunk_token_positions
+from mmshiftkv.evaluation.calibrate import chunk_token_positions
 from mmshiftkv.grounding.data import COLOURS, KINDS, GridSpec, GroundingSample, make_dataset, make_sample
 from mmshiftkv.grounding.evaluate import evaluate, head_score_samples, prompt_batch
 from mmshiftkv.grounding.model import (

@@ -16,7 +16,7 @@ from mmshiftkv.allocators import (
     load_head_scores,
     save_head_scores,
 )
-from mmshiftkv.allocators.calibrate import (
+from mmshiftkv.evaluation.calibrate import (
     OCR_PROMPT,
     TextChunk,
     chunk_token_positions,
@@ -24,7 +24,7 @@ from mmshiftkv.allocators.calibrate import (
     render_ocr_sample,
     synthetic_ocr_samples,
 )
-from mmshiftkv.allocators.calibrate import main as calibrate_main
+from mmshiftkv.evaluation.calibrate import main as calibrate_main
 from mmshiftkv.testing import build_tiny_model
 
 # The layout of the reference files (CR400AF-A/SparseMM visual_head/head_score/llava-v1.6.json):

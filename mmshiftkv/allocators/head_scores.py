@@ -140,7 +140,7 @@ def check_head_score_shape(table: torch.Tensor, n_layers: int, n_heads: int) -> 
         raise ValueError(
             f"head scores cover {table.shape[0]} layers x {table.shape[1]} query heads, but the model has "
             f"{n_layers} layers x {n_heads} query heads: the scores were computed for another model. "
-            f"Compute scores for this model with mmshiftkv.allocators.calibrate.compute_visual_head_scores."
+            f"Compute scores for this model with mmshiftkv.evaluation.calibrate.compute_visual_head_scores."
         )
 
 

@@ -6,20 +6,33 @@
 * :func:`attention_coverage` (Fig. 1b): for each decode step of a FullKV generation, the fraction
   of the attention the decode query pays to the prompt that falls on the prompt tokens a press kept.
   FullKV keeps everything, so its coverage is exactly 1.
+* :func:`analyze_samples` (``mmshiftkv analyze``): both over several prompts, averaged, for
+  several presses; the prompts are :func:`synthetic_conversations` or a task's
+  (:func:`task_conversations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import statistics
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from mmshiftkv.cache.compat import cache_argument
+from mmshiftkv.evaluation.config import load_task_split
+from mmshiftkv.evaluation.tasks import get_task
+from mmshiftkv.generation import encode_messages, user_turn
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.registry import make_press
 
 
 @dataclass
@@ -155,3 +168,85 @@ def attention_coverage(
             layers.append((kept / total).mean(-1))
         steps.append(torch.stack(layers))
     return Coverage(per_step=torch.stack(steps))
+
+
+SYNTHETIC_QUESTION = "What is written in the picture? Describe every detail you can read."
+
+
+def synthetic_conversations(n: int, image_size: int = 448, seed: int = 0) -> list[list[dict]]:
+    """``n`` one-turn conversations: a seeded noise image with a few flat boxes, and a question."""
+    conversations = []
+    for i in range(n):
+        rng = np.random.RandomState(seed + i)
+        pixels = (rng.rand(image_size, image_size, 3) * 255).astype("uint8")
+        for _ in range(4):
+            x, y = rng.randint(0, max(image_size - image_size // 4, 1), size=2)
+            pixels[y : y + image_size // 4, x : x + image_size // 4] = rng.randint(0, 255, size=3)
+        conversations.append(user_turn(SYNTHETIC_QUESTION, image=Image.fromarray(pixels)))
+    return conversations
+
+
+def task_conversations(
+    task: str, n: int, dataset_org: str | None = None, cache_dir: str | None = None, **overrides: Any
+) -> list[list[dict]]:
+    """The prompts (chat messages) of the first ``n`` samples of a task."""
+    spec = get_task(task, dataset_org=dataset_org, **overrides)
+    return [spec.build_messages(row) for row in load_task_split(task, spec, n, cache_dir)]
+
+
+def analyze_samples(
+    model: PreTrainedModel,
+    processor: Any,
+    conversations: Sequence[list[dict]],
+    presses: Sequence[str],
+    budget: int,
+    max_new_tokens: int = 32,
+) -> dict[str, Any]:
+    """Fig. 1 over several prompts, one at a time.
+
+    Returns
+    -------
+    dict
+        ``hidden_state_shift``: per layer, the prefill/decode mean and std of the attention input
+        (:func:`hidden_state_shift`), averaged over the samples.
+        ``coverage``: per press, ``distribution`` (one value per sample and decode step: the
+        coverage averaged over layers and KV heads), its ``mean`` and population ``std``,
+        ``per_layer`` and ``per_sample`` means
+        (:func:`attention_coverage`).
+    """
+    shifts: list[list[Any]] = []
+    per_step: dict[str, list[torch.Tensor]] = {name: [] for name in presses}
+    for conversation in tqdm(conversations, desc="Fig. 1 samples", dynamic_ncols=True):
+        inputs = encode_messages(processor, [conversation], model.device)
+        shifts.append(hidden_state_shift(model, inputs, max_new_tokens))
+        for name in presses:
+            press = make_press(name, budget=budget)
+            per_step[name].append(attention_coverage(model, inputs, press, max_new_tokens).per_step)
+    stats = ("prefill_mean", "prefill_std", "decode_mean", "decode_std")
+    layers = [
+        {
+            "layer": layer,
+            **{s: statistics.fmean(getattr(sample[layer], s) for sample in shifts) for s in stats},
+        }
+        for layer in range(len(shifts[0]))
+    ]
+    for row in layers:
+        row["std_ratio"] = row["decode_std"] / row["prefill_std"] if row["prefill_std"] else math.nan
+    coverage = {}
+    for name, tensors in per_step.items():
+        # each tensor: (steps, layers, batch=1, kv_heads)
+        distribution = [float(v) for t in tensors for v in t.mean(dim=(1, 2, 3))]
+        coverage[name] = {
+            "mean": statistics.fmean(distribution),
+            "std": statistics.pstdev(distribution),
+            "per_layer": torch.stack([t.mean(dim=(0, 2, 3)) for t in tensors]).mean(0).tolist(),
+            "per_sample": [float(t.mean()) for t in tensors],
+            "distribution": distribution,
+        }
+    return {
+        "num_samples": len(conversations),
+        "budget": budget,
+        "max_new_tokens": max_new_tokens,
+        "hidden_state_shift": layers,
+        "coverage": coverage,
+    }

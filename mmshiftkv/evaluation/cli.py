@@ -14,18 +14,11 @@ from pathlib import Path
 import torch
 
 from mmshiftkv.evaluation import profiling, report
-from mmshiftkv.evaluation.runner import (
-    DTYPES,
-    EvalConfig,
-    EvalSetupError,
-    analyze_samples,
-    load_model,
-    make_state,
-    run_evaluation,
-    synthetic_conversations,
-    task_conversations,
-)
+from mmshiftkv.evaluation.analysis import analyze_samples, synthetic_conversations, task_conversations
+from mmshiftkv.evaluation.config import EvalConfig
+from mmshiftkv.evaluation.runner import make_state, run_evaluation
 from mmshiftkv.evaluation.tasks import TASKS
+from mmshiftkv.generation import DTYPES, EvalSetupError, load_model
 from mmshiftkv.registry import ALLOCATORS, PRESSES
 
 

@@ -42,7 +42,7 @@ from transformers.initialization import no_init_weights
 
 from mmshiftkv.cache.compat import cache_argument, returned_cache
 from mmshiftkv.evaluation import report
-from mmshiftkv.evaluation.runner import load_model
+from mmshiftkv.generation import load_model
 from mmshiftkv.presses import BudgetedPress
 from mmshiftkv.registry import FULL, PRESSES, make_press, press_name
 

@@ -25,8 +25,8 @@ from mmshiftkv.grounding.data import (
 )
 from mmshiftkv.grounding.evaluate import (
     GroundingResult,
+    answer_samples,
     evaluate,
-    generate_answers,
     head_score_samples,
     prompt_batch,
 )
@@ -50,10 +50,10 @@ __all__ = [
     "GroundingResult",
     "GroundingSample",
     "Item",
+    "answer_samples",
     "build_model",
     "build_processor",
     "evaluate",
-    "generate_answers",
     "head_score_samples",
     "load_grounding_model",
     "make_dataset",

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +14,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from mmshiftkv.allocators.calibrate import OCRSample, TextChunk
+from mmshiftkv.evaluation.calibrate import OCRSample, TextChunk
+from mmshiftkv.generation import encode_messages, generate_answers, user_turn
 from mmshiftkv.grounding.data import KINDS, GridSpec, GroundingSample, make_sample
-from mmshiftkv.grounding.model import ANSWER_PREFIX, prompt_text
+from mmshiftkv.grounding.model import ANSWER_PREFIX
 from mmshiftkv.presses.base import BudgetedPress
 
 
@@ -52,15 +52,14 @@ class GroundingResult:
         }
 
 
-def prompt_batch(processor: ProcessorMixin, samples: Sequence[GroundingSample]) -> dict[str, torch.Tensor]:
-    """Left-padded generation inputs for ``samples`` (one image + question each)."""
-    processor.tokenizer.padding_side = "left"
-    texts = [prompt_text(processor, sample.question) for sample in samples]
-    return dict(processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True))
+def prompt_batch(
+    processor: ProcessorMixin, samples: Sequence[GroundingSample], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Left-padded generation inputs for ``samples`` (one image + question each), on ``device``."""
+    return encode_messages(processor, [user_turn(s.question, image=s.image) for s in samples], device)
 
 
-@torch.no_grad()
-def generate_answers(
+def answer_samples(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     samples: Sequence[GroundingSample],
@@ -73,14 +72,11 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     answers: list[str] = []
     lengths: list[int] = []
-    device = model.device
     for begin in range(0, len(samples), batch_size):
-        batch = prompt_batch(processor, samples[begin : begin + batch_size])
-        inputs = {name: tensor.to(device) for name, tensor in batch.items()}
-        with press(model) if press is not None else contextlib.nullcontext():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        answers += processor.batch_decode(new_tokens, skip_special_tokens=True)
+        inputs = prompt_batch(processor, samples[begin : begin + batch_size], model.device)
+        answers += [
+            row["generated"] for row in generate_answers(model, processor, inputs, press, max_new_tokens)
+        ]
         lengths += inputs["attention_mask"].sum(-1).tolist()
     return answers, lengths
 
@@ -109,7 +105,7 @@ def evaluate(
     """
     if not samples:
         raise ValueError("no samples to evaluate")
-    predictions, lengths = generate_answers(model, processor, samples, press, batch_size)
+    predictions, lengths = answer_samples(model, processor, samples, press, batch_size)
     hits = [prediction == ANSWER_PREFIX + sample.answer for prediction, sample in zip(predictions, samples)]
     by_kind = {}
     for kind in KINDS:
@@ -122,7 +118,7 @@ def evaluate(
 def head_score_samples(n: int, seed: int, grid: GridSpec | None = None) -> list[OCRSample]:
     """``n`` "read all items" images as SparseMM calibration samples, one text chunk per item.
 
-    Feed them to :func:`~mmshiftkv.allocators.calibrate.compute_visual_head_scores` with the
+    Feed them to :func:`~mmshiftkv.evaluation.calibrate.compute_visual_head_scores` with the
     prompt ``"Read all items left to right."``: each answer symbol then credits the heads whose
     top-1 attention falls on that item's image token. Layouts with a symbol that also occurs in
     ``ANSWER_PREFIX`` are skipped, since the lead-in's letters would be matched to that item.

@@ -20,8 +20,8 @@ from transformers import (
     Qwen2VLImageProcessorFast,
     Qwen2VLVideoProcessor,
 )
-from transformers.utils import logging as hf_logging
 
+from mmshiftkv.generation import quiet_weight_loading
 from mmshiftkv.grounding.data import GridSpec
 from mmshiftkv.tokenization import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer, qwen_vl_token_ids
 
@@ -114,14 +114,9 @@ def load_grounding_model(
             f"no trained grounding model in {path}: train one with `python -m mmshiftkv.grounding.train`"
         )
     # A 2 MB local model loads at once: its per-tensor progress bar would only bury the output.
-    progress_bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_weight_loading():
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True
         )
-    finally:
-        if progress_bar:
-            hf_logging.enable_progress_bar()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.eval(), processor

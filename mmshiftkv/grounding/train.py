@@ -123,7 +123,6 @@ class TrainConfig:
             raise ValueError(f"seed {EVAL_SEED} is the evaluation stream's seed: train with another one")
 
 
-
 def training_batch(processor: Qwen2_5_VLProcessor, samples: Sequence[GroundingSample]) -> dict:
     """Right-padded prompt + ``ANSWER_PREFIX`` + answer + ``<|im_end|>``, labels on all but the prompt.
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from mmshiftkv.generation import encode_messages, user_turn
 from mmshiftkv.testing.families import ALL_VISION_FAMILIES
 
 #: The question the tests ask about a synthetic image (long enough to exceed small budgets).
@@ -51,6 +52,8 @@ def chat_inputs(
 ) -> dict[str, torch.Tensor]:
     """Left-padded model inputs for one user turn per question, each with its own image or video.
 
+    The turns are encoded by :func:`mmshiftkv.generation.encode_messages` (one image list per prompt).
+
     Parameters
     ----------
     processor : ProcessorMixin or PreTrainedTokenizerBase
@@ -77,22 +80,12 @@ def chat_inputs(
             raise ValueError("a tokenizer takes no images or videos")
         processor.padding_side = "left"
         return dict(processor(questions, return_tensors="pt", padding=True))
-    kind = "image" if images is not None else "video" if videos is not None else None
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": ([{"type": kind}] if kind else []) + [{"type": "text", "text": q}]}],
-            add_generation_prompt=True,
-        )
-        for q in questions
+    conversations = [
+        user_turn(question, image=images[i] if images else None, video=videos[i] if videos else None)
+        for i, question in enumerate(questions)
     ]
-    processor.tokenizer.padding_side = "left"
-    media_kwargs: dict[str, Any] = {}
-    if images is not None:
-        # One list per prompt: SmolVLM and Gemma 3 refuse a flat list for a batch, every family takes this.
-        media_kwargs["images"] = [[image] for image in images]
-    if videos is not None:
-        media_kwargs["videos"] = list(videos)
-    return dict(processor(text=texts, return_tensors="pt", padding=True, **media_kwargs))
+    # One list per prompt: SmolVLM and Gemma 3 refuse a flat list for a batch, every family takes this.
+    return encode_messages(processor, conversations, images_per_prompt=True)
 
 
 def make_inputs(

@@ -6,7 +6,8 @@ greedily. For every generated token whose text occurs in exactly one chunk, each
 head) whose top-1 attention (the attention of the query that produced the token) falls on one of
 that chunk's image tokens earns ``1 / (number of image tokens of the chunk)``. A head's score for
 an image is the sum over the generated tokens; the JSON file holds one score per image
-(:mod:`mmshiftkv.allocators.head_scores` format).
+(:mod:`mmshiftkv.allocators.head_scores` format), which
+:class:`~mmshiftkv.allocators.SparseMMAllocator` reads (``mmshiftkv calibrate MODEL OUT.json``).
 
 Differences from the reference, on purpose: a generated token is matched after stripping
 whitespace (the reference's ``" word"`` never matches a chunk ``"word"``) and whitespace-only or
@@ -33,6 +34,7 @@ from torch import nn
 
 from mmshiftkv.allocators.head_scores import save_head_scores
 from mmshiftkv.cache.compat import cache_argument, returned_cache
+from mmshiftkv.generation import EvalSetupError, encode_messages, load_model, user_turn
 from mmshiftkv.models.adapter import get_adapter
 
 OCR_PROMPT = "Provide all the OCR results of this image."
@@ -300,9 +302,7 @@ def _score_sample(
     """``(n_layers, n_heads)`` float64 scores of one sample."""
     adapter = get_adapter(model)
     tokenizer = processor.tokenizer
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[sample.image], text=[text], return_tensors="pt").to(model.device)
+    inputs = encode_messages(processor, [user_turn(prompt, image=sample.image)], model.device)
     chunk_positions = chunk_token_positions(model, inputs, sample.image.size, sample.chunks)
 
     eos = model.generation_config.eos_token_id
@@ -344,9 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    # the evaluation's loader: one-line errors for an unreachable hub, no weight-loading progress bar
-    from mmshiftkv.evaluation.runner import EvalSetupError, load_model
-
+    # one-line errors for an unreachable hub, no weight-loading progress bar
     try:
         model, processor = load_model(args.model, "auto", device=args.device)
     except EvalSetupError as error:
