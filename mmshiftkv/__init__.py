@@ -23,6 +23,7 @@ _EXPORTS = {
     "CompressionSkippedWarning": "mmshiftkv.presses",
     "CompressionStats": "mmshiftkv.presses",
     "ExpectedAttentionPress": "mmshiftkv.presses",
+    "ExternalScorerPress": "mmshiftkv.presses",
     "FullKVPress": "mmshiftkv.presses",
     "KeyDiffPress": "mmshiftkv.presses",
     "LastAttnPress": "mmshiftkv.presses",

@@ -287,6 +287,14 @@ def random_layer(
     )
 
 
+def test_num_heads_is_the_deprecated_name_of_kv_heads() -> None:
+    layer, *_ = random_layer(batch=2, kv_heads=3)
+    assert layer.kv_heads == 3
+    with pytest.warns(DeprecationWarning, match="renamed kv_heads") as record:
+        assert layer.num_heads == 3
+    assert record[0].filename == __file__
+
+
 def ideal_bytes(lengths: torch.Tensor, generated: int, head_dim: int, itemsize: int) -> int:
     return (int(lengths.sum()) + lengths.numel() * generated) * 2 * head_dim * itemsize
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, UniformAllocator
 from mmshiftkv.cache import CompressedLayer
-from mmshiftkv.presses import BudgetPress, FullKVPress, ShiftKVPress
+from mmshiftkv.presses import BudgetPress, ExternalScorerPress, FullKVPress, ShiftKVPress
 from mmshiftkv.registry import PRESSES
 from mmshiftkv.testing import QUESTION, greedy, make_inputs, tiny
 
@@ -47,7 +49,7 @@ def press_variants(allocator):
             continue
         extra = {"n_proxies": 64, "n_groups": 8} if press_cls is ShiftKVPress else {}
         yield press_cls(budget=BUDGET, allocator=allocator, **extra)
-    yield BudgetPress(press=KeyNormScorer(), budget=BUDGET, allocator=allocator)
+    yield ExternalScorerPress(press=KeyNormScorer(), budget=BUDGET, allocator=allocator)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "llava-next"])
@@ -117,3 +119,13 @@ def test_sparsemm_file_for_another_model_is_rejected():
 def test_allocator_requires_a_budget():
     with pytest.raises(ValueError, match="pass budget"):
         PRESSES["snapkv"](compression_ratio=0.5, allocator=UniformAllocator())
+
+
+def test_budget_press_is_the_deprecated_name_of_external_scorer_press():
+    with pytest.warns(DeprecationWarning, match="renamed ExternalScorerPress") as record:
+        press = BudgetPress(press=KeyNormScorer(), budget=BUDGET)
+    assert record[0].filename == __file__  # the warning points at the caller
+    assert isinstance(press, ExternalScorerPress) and press.budget == BUDGET
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        ExternalScorerPress(press=KeyNormScorer(), budget=BUDGET)

@@ -17,7 +17,7 @@ kvpress = pytest.importorskip("kvpress")
 
 from mmshiftkv.cache import CompressedLayer  # noqa: E402
 from mmshiftkv.interop.kvpress import to_kvpress  # noqa: E402
-from mmshiftkv.presses import BudgetPress, LastAttnPress, ScoringState, ShiftKVPress  # noqa: E402
+from mmshiftkv.presses import ExternalScorerPress, LastAttnPress, ScoringState, ShiftKVPress  # noqa: E402
 
 BUDGET = 8
 
@@ -35,7 +35,7 @@ def test_kvpress_scorer_under_our_budget_keeps_its_top_scores():
     plain = DynamicCache()
     with torch.no_grad():
         model(**inputs, past_key_values=plain)
-    cache = prefill(model, inputs, BudgetPress(press=kvpress.KnormPress(), budget=BUDGET))
+    cache = prefill(model, inputs, ExternalScorerPress(press=kvpress.KnormPress(), budget=BUDGET))
     for layer_idx, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedLayer)
         keys = plain.layers[layer_idx].keys[0]

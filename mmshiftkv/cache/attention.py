@@ -129,7 +129,7 @@ def compressed_sdpa(
         ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return.
     """
     batch, q_heads, q_len, head_dim = query.shape
-    group = q_heads // layer.num_heads
+    group = q_heads // layer.kv_heads
     generated = layer.generated_length - q_len
     tail = tail_visibility(attention_mask, q_len, layer.generated_length)
     output = query.new_empty(batch, q_len, q_heads, head_dim)
@@ -194,7 +194,7 @@ def compressed_flash_varlen(
         ``(batch, q_len, q_heads, head_dim)``.
     """
     batch, q_heads, q_len, head_dim = query.shape
-    kv_heads, generated = layer.num_heads, layer.generated_length
+    kv_heads, generated = layer.kv_heads, layer.generated_length
     group = q_heads // kv_heads
     output = query.new_empty(batch, q_len, q_heads, head_dim)
     for bucket in layer.buckets:

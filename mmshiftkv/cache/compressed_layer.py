@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,9 +310,20 @@ class CompressedLayer(CacheLayerMixin):
         return self._prompt_lengths.shape[0]
 
     @property
-    def num_heads(self) -> int:
+    def kv_heads(self) -> int:
         """Number of KV heads."""
         return self._prompt_lengths.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        """Deprecated name of :attr:`kv_heads` (these are KV heads, not query heads); removed in 0.2."""
+        warnings.warn(
+            "CompressedLayer.num_heads is renamed kv_heads (it counts KV heads); "
+            "the old name will be removed in mmshiftkv 0.2",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.kv_heads
 
     @property
     def prompt_lengths(self) -> torch.Tensor:
@@ -368,7 +380,7 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def ideal_nbytes(self) -> int:
         """Bytes of keys and values without any padding: kept prompt plus generated tokens per head."""
-        tokens = int(self._prompt_lengths.sum()) + self.batch_size * self.num_heads * self.generated_length
+        tokens = int(self._prompt_lengths.sum()) + self.batch_size * self.kv_heads * self.generated_length
         return tokens * 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def get_seq_length(self) -> int:
@@ -422,15 +434,15 @@ class CompressedLayer(CacheLayerMixin):
             allowed = reading is self.reader
         if not allowed:
             raise RuntimeError(
-                "a CompressedLayer can only be read by mmshiftkv's attention of the model it was compressed "
-                "for: run that model inside `with press(model):` or "
-                "`with mmshiftkv.cache.compressed_attention(model):`"
+                "a CompressedLayer can only be read by mmshiftkv's attention "
+                "of the model it was compressed for: run that model inside `with press(model):` "
+                "or `with mmshiftkv.cache.compressed_attention(model):`"
             )
         batch, kv_heads, q_len, head_dim = key_states.shape
-        if (batch, kv_heads, head_dim) != (self.batch_size, self.num_heads, self.head_dim):
+        if (batch, kv_heads, head_dim) != (self.batch_size, self.kv_heads, self.head_dim):
             raise ValueError(
                 f"new states of shape {tuple(key_states.shape)} do not match the cache "
-                f"(batch={self.batch_size}, kv_heads={self.num_heads}, head_dim={self.head_dim})"
+                f"(batch={self.batch_size}, kv_heads={self.kv_heads}, head_dim={self.head_dim})"
             )
         for bucket in self.buckets:
             bucket.keys = torch.cat([bucket.keys, self._to_rows(key_states, bucket)], dim=2)
@@ -448,7 +460,7 @@ class CompressedLayer(CacheLayerMixin):
         if not bucket.covers_batch:
             states = states.index_select(0, bucket.samples)
         n, _, q_len, head_dim = states.shape
-        rows = self.num_heads // bucket.heads_per_row
+        rows = self.kv_heads // bucket.heads_per_row
         states = states.reshape(n, rows, bucket.heads_per_row, q_len, head_dim).transpose(2, 3)
         return states.reshape(n, rows, q_len * bucket.heads_per_row, head_dim)
 
@@ -553,7 +565,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         return (
-            f"CompressedLayer(batch={self.batch_size}, kv_heads={self.num_heads}, "
+            f"CompressedLayer(batch={self.batch_size}, kv_heads={self.kv_heads}, "
             f"original_length={self.original_length}, generated={self.generated_length}, "
             f"buckets={len(self.buckets)})"
         )

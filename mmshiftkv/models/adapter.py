@@ -241,9 +241,8 @@ class ModelAdapter:
         )
         if section is None:
             raise UnsupportedModelError(
-                f"{self.family}: the rotary embedding returns one cos/sin per M-RoPE axis but the "
-                "text config "
-                "names no mrope_section"
+                f"{self.family}: the rotary embedding returns one cos/sin per M-RoPE axis "
+                "but the text config names no mrope_section"
             )
         return list(section)
 
@@ -353,9 +352,8 @@ def _layer_type(attention: nn.Module) -> str:
         layer_types = getattr(attention.config, "layer_types", None)
         if layer_types is None:
             raise UnsupportedModelError(
-                f"{type(attention).__name__}: the rotary embedding needs a layer type, but neither "
-                "the attention "
-                "layer nor the config names one"
+                f"{type(attention).__name__}: the rotary embedding needs a layer type, "
+                "but neither the attention layer nor the config names one"
             )
         layer_type = layer_types[attention.layer_idx]
     return layer_type
@@ -397,9 +395,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         if missing:
             raise _refuse(
                 model,
-                f"its attention {type(attention).__name__} has no {', '.join(missing)} (fused QKV "
-                "projections "
-                "are not supported)",
+                f"its attention {type(attention).__name__} has no {', '.join(missing)} "
+                "(fused QKV projections are not supported)",
             )
         if not hasattr(attention, "layer_idx") or not hasattr(attention, "head_dim"):
             raise _refuse(model, f"its attention {type(attention).__name__} has no layer_idx / head_dim")

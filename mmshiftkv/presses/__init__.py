@@ -1,9 +1,9 @@
 """Presses: which prompt tokens each KV head keeps after prefill (by name: :mod:`mmshiftkv.registry`)."""
 
 from mmshiftkv.presses.base import BudgetedPress
-from mmshiftkv.presses.budget_press import BudgetPress
 from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
 from mmshiftkv.presses.expected_attention import ExpectedAttentionPress
+from mmshiftkv.presses.external_scorer import BudgetPress, ExternalScorerPress
 from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.presses.keydiff import KeyDiffPress
 from mmshiftkv.presses.last_attn import LastAttnPress
@@ -19,6 +19,7 @@ __all__ = [
     "CompressionSkippedWarning",
     "CompressionStats",
     "ExpectedAttentionPress",
+    "ExternalScorerPress",
     "FullKVPress",
     "KeyDiffPress",
     "LastAttnPress",

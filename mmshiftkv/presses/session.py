@@ -81,8 +81,8 @@ def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:
     """Refuse right-padded prompts: their last token is padding and would be kept as the prompt's last."""
     if not bool(key_mask[:, -1].all()):
         raise PressUsageError(
-            f"{press_name}: a sample of the batch ends in padding (right padding). Presses need left "
-            "padding: "
+            f"{press_name}: a sample of the batch ends in padding (right padding). "
+            "Presses need left padding: "
             "set tokenizer.padding_side = 'left' (or processor.tokenizer.padding_side = 'left')"
         )
     if not bool(key_mask.any(-1).all()):
@@ -96,9 +96,8 @@ def _attention_input(args: tuple, kwargs: dict, hidden_size: int) -> torch.Tenso
         if isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[-1] == hidden_size:
             return value
     raise PressUsageError(
-        f"cannot find the attention input (a (batch, seq_len, {hidden_size}) tensor) among the "
-        "attention layer's "
-        "arguments"
+        f"cannot find the attention input (a (batch, seq_len, {hidden_size}) tensor) "
+        "among the attention layer's arguments"
     )
 
 
@@ -153,17 +152,14 @@ class PressSession:
             if active is not None:
                 raise PressUsageError(
                     f"this {self.name} is already active on a {type(active.model).__name__}; "
-                    "one press "
-                    "object compresses one model at a time (create another press for a second model, "
-                    "and do not "
-                    "nest a press inside itself)"
+                    "one press object compresses one model at a time "
+                    "(create another press for a second model, and do not nest a press inside itself)"
                 )
             other = _ACTIVE.get(model)
             if other is not None:
                 raise PressUsageError(
-                    f"{type(model).__name__} already runs under a {type(other).__name__}; presses do "
-                    "not nest. "
-                    "Exit the first `with` before entering another press"
+                    f"{type(model).__name__} already runs under a {type(other).__name__}; "
+                    "presses do not nest. Exit the first `with` before entering another press"
                 )
             _ACTIVE[model] = press
             press._session = self
@@ -235,9 +231,9 @@ class PressSession:
             ]
             if misplaced:
                 raise UnsupportedCacheError(
-                    f"{self.name} compresses a transformers Cache, not the "
-                    f"{type(kwargs[misplaced[0]])} "
-                    f"given as {misplaced[0]}= (legacy tuple caches are not supported: pass DynamicCache())"
+                    f"{self.name} compresses a transformers Cache, "
+                    f"not the {type(kwargs[misplaced[0]])} given as {misplaced[0]}= "
+                    "(legacy tuple caches are not supported: pass DynamicCache())"
                 )
         self.forward = _Forward(
             cache=cache,
@@ -269,8 +265,8 @@ class PressSession:
                 self._check_prefill(cache, kwargs)
         elif cache is None and self.press.asks_compression:
             warnings.warn(
-                f"{self.name}: a forward ran without a KV cache (use_cache=False?); nothing to "
-                "compress in it",
+                f"{self.name}: a forward ran without a KV cache (use_cache=False?); "
+                "nothing to compress in it",
                 CompressionSkippedWarning,
                 stacklevel=3,
             )
@@ -286,9 +282,9 @@ class PressSession:
         if foreign:
             raise UnsupportedCacheError(
                 f"{self.name} compresses a transformers Cache; {type(module).__name__} used a "
-                f"{type(foreign[0]).__name__} (a model-specific cache class of this transformers "
-                "release), so "
-                "nothing could be compressed. Use a transformers release where this model uses DynamicCache"
+                f"{type(foreign[0]).__name__} (a model-specific cache class of this transformers release), "
+                "so nothing could be compressed. "
+                "Use a transformers release where this model uses DynamicCache"
             )
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -331,19 +327,16 @@ class PressSession:
         forward.checked_length = True
         if length < expected:
             raise PressUsageError(
-                f"{self.name}: generate prefilled {length} of the prompt's {expected} "
-                "tokens in its first "
-                "forward (chunked prefill, prefill_chunk_size=...). A press scores the whole prompt at once: "
-                "remove prefill_chunk_size"
+                f"{self.name}: generate prefilled {length} of the prompt's {expected} tokens "
+                "in its first forward (chunked prefill, prefill_chunk_size=...). "
+                "A press scores the whole prompt at once: remove prefill_chunk_size"
             )
         if length > expected:
             raise PressUsageError(
-                f"{self.name}: generate's first forward holds {length} tokens for a "
-                f"{expected}-token "
-                "prompt: assisted / speculative decoding (assistant_model=, "
-                "prompt_lookup_num_tokens=) verifies "
-                "candidate tokens in the prefill, which a press would compress as prompt. Not supported: "
-                "generate without an assistant under a press"
+                f"{self.name}: generate's first forward holds {length} tokens for a {expected}-token prompt: "
+                "assisted / speculative decoding (assistant_model=, prompt_lookup_num_tokens=) "
+                "verifies candidate tokens in the prefill, which a press would compress as prompt. "
+                "Not supported: generate without an assistant under a press"
             )
 
     def _guarded_generate(self, generate: Callable) -> Callable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +13,10 @@ from mmshiftkv.presses.base import BudgetedPress
 
 
 @dataclass(kw_only=True)
-class BudgetPress(BudgetedPress):
+class ExternalScorerPress(BudgetedPress):
     """Score with another press (a kvpress ``ScorerPress`` or any scorer), keep by our rules.
 
-    ``BudgetPress(press=KnormPress(), budget=64)`` keeps 64 tokens per KV head ranked by Knorm's
+    ``ExternalScorerPress(press=KnormPress(), budget=64)`` keeps 64 tokens per KV head ranked by Knorm's
     scores, the last prompt token included, in mmshiftkv's variable-length cache; an allocator can
     be added as for any press. The wrapped press's own ``compression_ratio`` is ignored. kvpress
     scorers are not padding-aware: with a left-padded batch their statistics may include padding
@@ -36,9 +37,9 @@ class BudgetPress(BudgetedPress):
         super().__post_init__()
         if not callable(getattr(self.press, "score", None)):
             raise TypeError(
-                "press must be a scorer with a score(module, hidden_states, keys, values, "
-                "attentions, kwargs) "
-                f"method (e.g. a kvpress ScorerPress), got {type(self.press).__name__}"
+                "press must be a scorer "
+                "with a score(module, hidden_states, keys, values, attentions, kwargs) method "
+                f"(e.g. a kvpress ScorerPress), got {type(self.press).__name__}"
             )
 
     def post_init_from_model(self, model: nn.Module) -> None:
@@ -56,3 +57,17 @@ class BudgetPress(BudgetedPress):
         kwargs: dict,
     ) -> torch.Tensor:
         return self.press.score(module, hidden_states, keys, values, attentions, kwargs)
+
+
+@dataclass(kw_only=True)
+class BudgetPress(ExternalScorerPress):
+    """Deprecated name of :class:`ExternalScorerPress` (it wraps an external scorer); removed in 0.2."""
+
+    def __post_init__(self) -> None:
+        warnings.warn(
+            "BudgetPress is renamed ExternalScorerPress (it wraps an external scorer such as a kvpress "
+            "ScorerPress); the old name will be removed in mmshiftkv 0.2",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        super().__post_init__()
