@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessorFast,
     Qwen2VLVideoProcessor,
 )
 
@@ -25,6 +25,14 @@ from mmshiftkv.generation import quiet_weight_loading
 from mmshiftkv.grounding.data import GridSpec
 from mmshiftkv.tokenization import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer, qwen_vl_token_ids
 
+#: The torchvision image processor the checkpoint was saved with. Releases that dropped the ``Fast``
+#: suffix (and deprecate the old name) call it ``Qwen2VLImageProcessor`` and the PIL one
+#: ``Qwen2VLImageProcessorPil``; before (transformers 5.2), ``Qwen2VLImageProcessor`` is the PIL one.
+IMAGE_PROCESSOR = (
+    transformers.Qwen2VLImageProcessor
+    if hasattr(transformers, "Qwen2VLImageProcessorPil")
+    else transformers.Qwen2VLImageProcessorFast
+)
 #: What the model writes before every answer. A press compresses the cache at the end of prefill,
 #: and the prefill forward itself, with the whole cache, already produces the first answer token: the
 #: lead-in makes every symbol the model answers come from decoding steps on the compressed cache.
@@ -69,7 +77,7 @@ def build_processor(grid: GridSpec | None = None) -> Qwen2_5_VLProcessor:
     """
     width, height = (grid or GridSpec()).size
     tokenizer = build_tokenizer(QWEN_SPECIAL, QWEN_CHAT_TEMPLATE)
-    image_processor = Qwen2VLImageProcessorFast(min_pixels=width * height, max_pixels=width * height)
+    image_processor = IMAGE_PROCESSOR(min_pixels=width * height, max_pixels=width * height)
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
         video_processor=Qwen2VLVideoProcessor(),
