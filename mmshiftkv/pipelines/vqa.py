@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText, DynamicCache, Pipeline, Pr
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from mmshiftkv.cache import cache_argument, crop_to
+from mmshiftkv.generation import generate_answers
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.full_kv import FullKVPress
@@ -244,17 +245,8 @@ class KVPressVQAPipeline(Pipeline):
         if n_questions == {1}:
             texts = [self.prompt_text(request, request.questions[0]) for request in requests]
             inputs = self.encode(requests, texts)
-            with press(self.model), torch.no_grad():
-                output = self.model.generate(
-                    **inputs,
-                    **cache_argument(self.model, DynamicCache()),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                )
-            answers = self.processor.batch_decode(
-                output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            return [self._facts(press, inputs, b, [answer.strip()]) for b, answer in enumerate(answers)]
+            rows = generate_answers(self.model, self.processor, inputs, press, max_new_tokens)
+            return [self._facts(press, inputs, b, [row["generated"].strip()]) for b, row in enumerate(rows)]
         return [self._answer_several(request, press, max_new_tokens) for request in requests]
 
     def _answer_several(self, request: VQARequest, press: BudgetedPress, max_new_tokens: int) -> VQAAnswer:
