@@ -224,6 +224,10 @@ class ModelAdapter:
             extra = [_layer_type(attention if attention is not None else self.attention_modules[0])]
         # forward() rather than __call__: the press's own position-capturing hook must not fire.
         cos, sin = rotary.forward(like, positions, *extra)
+        return self.merge_rotary_axes(cos, sin)
+
+    def merge_rotary_axes(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's cos/sin as ``(batch, n, rotary_dim)``, split M-RoPE merged."""
         if cos.ndim == 4:
             # Split M-RoPE (Qwen2-VL up to transformers 5.19): one cos/sin per axis; each feature
             # block takes the position of its own axis (temporal, height, width).
@@ -300,6 +304,13 @@ class ModelAdapter:
         if position_ids.dim() == 3:
             return position_ids.expand(-1, batch, -1)
         return position_ids.expand(batch, -1)
+
+    def rotary_call_positions(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The positions a call of the rotary embedding received (its integer tensor), normalized."""
+        values = [*args, *kwargs.values()]
+        like = next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+        positions = next(v for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
+        return self.normalize_positions(positions, like.shape[0])
 
     @staticmethod
     def next_positions(prompt_positions: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,9 @@ class _Forward:
     prefill: bool | None
     state: ScoringState
     checked_length: bool = False
+    #: True while a layer is being scored: rotary calls a scorer makes then (kvpress's
+    #: ExpectedAttention and CAP call it with future positions) are not the prompt's positions.
+    scoring: bool = False
 
 
 class PressSession:
@@ -289,12 +292,9 @@ class PressSession:
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = self.forward
-        if forward is None or forward.prefill is False:
+        if forward is None or forward.prefill is False or forward.scoring:
             return
-        values = [*args, *kwargs.values()]
-        like = next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
-        positions = next(v for v in values if isinstance(v, torch.Tensor) and not v.is_floating_point())
-        forward.state.positions = self.adapter.normalize_positions(positions, like.shape[0])
+        forward.state.positions = self.adapter.rotary_call_positions(args, kwargs)
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         forward = self.forward
@@ -315,9 +315,19 @@ class PressSession:
             self.prefills_seen += 1
             if press.asks_compression and forward.state.key_mask is not None:
                 check_left_padding(forward.state.key_mask, self.name)
-        with press.scoring(forward.state):
+        with press.scoring(forward.state), self._scoring_layer(forward):
             press.compress_layer(module, hidden_states, forward.cache, attentions, kwargs)
         return output
+
+    @staticmethod
+    @contextmanager
+    def _scoring_layer(forward: _Forward) -> Generator[None, None, None]:
+        """Mark ``forward`` as scoring a layer, so that the rotary pre-hook keeps the prompt's positions."""
+        forward.scoring = True
+        try:
+            yield
+        finally:
+            forward.scoring = False
 
     def _check_prompt_length(self, forward: _Forward, length: int) -> None:
         """Inside ``generate``: the prefill forward must hold exactly the prompt."""

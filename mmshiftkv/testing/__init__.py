@@ -23,7 +23,7 @@ from mmshiftkv.testing.families import (
     VISION_FAMILIES,
 )
 from mmshiftkv.testing.inputs import QUESTION, chat_inputs, greedy, make_inputs, make_video, synthetic_image
-from mmshiftkv.testing.models import build_tiny_model, tiny
+from mmshiftkv.testing.models import build_tiny_model, kvpress_leftovers_removed, tiny
 
 __all__ = [
     "ALL_FAMILIES",
@@ -38,6 +38,7 @@ __all__ = [
     "build_tiny_model",
     "chat_inputs",
     "greedy",
+    "kvpress_leftovers_removed",
     "make_inputs",
     "make_video",
     "synthetic_image",

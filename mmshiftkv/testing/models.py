@@ -8,10 +8,12 @@ scripts run without downloading anything.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from mmshiftkv.testing.classic_models import llava, qwen_vl, text_decoder
@@ -89,3 +91,17 @@ def tiny(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, Any]:
     Callers must not change the returned model (its weights, config or generation config).
     """
     return build_tiny_model(family, attn_implementation=attn)
+
+
+@contextmanager
+def kvpress_leftovers_removed(model: nn.Module) -> Generator[None, None, None]:
+    """Remove on exit the ``rotary_emb`` that kvpress's ``with press(model):`` attaches to every
+    attention module and never removes, so that a shared :func:`tiny` model stays as built."""
+    attentions = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+    had = [hasattr(attention, "rotary_emb") for attention in attentions]
+    try:
+        yield
+    finally:
+        for attention, present in zip(attentions, had, strict=True):
+            if not present and hasattr(attention, "rotary_emb"):
+                del attention.rotary_emb
