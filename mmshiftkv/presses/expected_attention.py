@@ -24,7 +24,8 @@ class ExpectedAttentionPress(BudgetedPress):
     over the query heads of a KV head and multiplied by ``||v||``. The future positions start at the
     true next decode position (``max(prompt positions) + 1``: Qwen2-VL's ``rope_deltas`` included)
     instead of kvpress's ``seq_len``, which also fixes kvpress's crash on 3-D M-RoPE positions. Sinks
-    are always kept.
+    are always kept. Given a window of recent hidden states (kvpress's decoding presses, through
+    :func:`~mmshiftkv.interop.kvpress.to_kvpress`), the statistics are those of the window's queries.
 
     Parameters
     ----------
@@ -92,9 +93,12 @@ class ExpectedAttentionPress(BudgetedPress):
         )
         real_index = real.long().cumsum(-1) - 1
         sink = real & (real_index < self.n_sink)
-        stat_tokens = real & ~sink
+        # The queries are those of the last n_queries keys: the whole prompt at prefill, the recent
+        # tokens when a decoding press (kvpress's DecodingPress) hands a window of hidden states.
+        n_queries = hidden_states.shape[1]
+        stat_tokens = (real & ~sink)[:, seq_len - n_queries :]
         if not bool(stat_tokens.any(-1).all()):
-            stat_tokens = real  # prompts of at most n_sink tokens: use them all
+            stat_tokens = real[:, seq_len - n_queries :]  # prompts of at most n_sink tokens: use them all
 
         queries = state.adapter.query_states(module, hidden_states).float()
         weights = stat_tokens[:, None, :, None].float()

@@ -52,7 +52,8 @@ class SnapKVPress(BudgetedPress):
     ) -> torch.Tensor:
         state = self.state
         batch, kv_heads, seq_len, _ = keys.shape
-        window = min(self.window_size, seq_len)
+        # A decoding press (kvpress's DecodingPress, through to_kvpress) hands only recent hidden states.
+        window = min(self.window_size, seq_len, hidden_states.shape[1])
         probs, query_valid = prompt_query_attention(
             state.adapter,
             module,
