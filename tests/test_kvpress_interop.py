@@ -38,6 +38,25 @@ def prefill(model, inputs: dict, press) -> DynamicCache:
     return cache
 
 
+def plain_prefill(model, inputs: dict, decoder) -> tuple[list[tuple], DynamicCache]:
+    """Each attention layer's (module, input hidden states) in a plain prefill, and its cache."""
+    calls: list[tuple] = []
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw: calls.append((m, kw["hidden_states"])), with_kwargs=True
+        )
+        for layer in decoder.layers
+    ]
+    plain = DynamicCache()
+    try:
+        with torch.no_grad():
+            model(**inputs, past_key_values=plain)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, plain
+
+
 def test_kvpress_scorer_under_our_budget_keeps_its_top_scores():
     model, processor = tiny("llama")
     inputs = make_inputs("llama", processor, [QUESTION])
@@ -66,19 +85,9 @@ def test_our_press_inside_kvpress_keeps_kvpress_count_and_our_ranking(family: st
     press = LastAttnPress()
     scorer = to_kvpress(press, compression_ratio=0.5)
     assert isinstance(scorer, kvpress.ScorerPress)
-    captured: dict[int, tuple] = {}
     decoder = model.model
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw: captured.__setitem__(m.layer_idx, kw["hidden_states"]), with_kwargs=True
-        )
-        for layer in decoder.layers
-    ]
-    plain = DynamicCache()
-    with torch.no_grad():
-        model(**inputs, past_key_values=plain)
-    for hook in hooks:
-        hook.remove()
+    calls, plain = plain_prefill(model, inputs, decoder)
+    captured = [hidden_states for _, hidden_states in calls]
     cache = prefill(model, inputs, scorer)
     n_kept = int(seq_len * 0.5)
     from mmshiftkv.models import get_adapter
@@ -147,19 +156,7 @@ def test_our_press_as_kvpress_press_on_qwen25_vl_scores_with_its_mrope_positions
     positions = model_positions(model, inputs)
     assert positions.dim() == 3 and not torch.equal(positions[1], positions[2])  # an image: real M-RoPE
     press = LastAttnPress()
-    calls: list[tuple] = []
-    decoder = model.model.language_model
-    hooks = [
-        layer.self_attn.register_forward_hook(
-            lambda m, a, kw, out: calls.append((m, kw["hidden_states"])), with_kwargs=True
-        )
-        for layer in decoder.layers
-    ]
-    plain = DynamicCache()
-    with torch.no_grad():
-        model(**inputs, past_key_values=plain)
-    for hook in hooks:
-        hook.remove()
+    calls, plain = plain_prefill(model, inputs, model.model.language_model)
     cache = prefill(model, inputs, to_kvpress(press, compression_ratio=0.5))
     from mmshiftkv.models import get_adapter
 
