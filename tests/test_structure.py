@@ -41,10 +41,6 @@ TESTING = "mmshiftkv.testing"
 MAX_LINES = 600
 #: The one module that turns press and allocator names into objects.
 REGISTRY = "mmshiftkv.registry"
-#: Modules that still build presses by name themselves, each with the reason it is not done yet.
-PENDING_REGISTRY_USERS = {
-    "mmshiftkv.vllm.config": "owned by the vLLM work stream; moves to registry.make_press when it merges",
-}
 
 
 def module_name(path: Path) -> str:
@@ -167,7 +163,7 @@ def test_only_the_registry_builds_presses_and_allocators_by_name() -> None:
     """Outside the registry its tables are read for their names only: never indexed, never redefined."""
     offenders = []
     for module in MODULES:
-        if module == REGISTRY or module in PENDING_REGISTRY_USERS:
+        if module == REGISTRY:
             continue
         tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
         for node in ast.walk(tree):
@@ -182,10 +178,6 @@ def test_only_the_registry_builds_presses_and_allocators_by_name() -> None:
             if table in ("PRESSES", "ALLOCATORS"):
                 offenders.append(f"{module}:{node.lineno}")
     assert offenders == []
-
-
-def test_pending_registry_users_still_exist() -> None:
-    assert set(PENDING_REGISTRY_USERS) <= set(MODULES)
 
 
 def test_conftest_holds_only_fixtures() -> None:

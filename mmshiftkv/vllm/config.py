@@ -15,7 +15,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmshiftkv.presses import PRESSES, BudgetedPress
+from mmshiftkv.presses import BudgetedPress
+from mmshiftkv.registry import make_press
 
 #: Key of this plugin's section in vLLM's ``additional_config``.
 CONFIG_KEY = "mmshiftkv"
@@ -81,7 +82,7 @@ class VLLMPressConfig:
     def build_press(self) -> BudgetedPress:
         """A fresh press object with this configuration."""
         try:
-            return PRESSES[self.press](budget=self.budget, **self.press_kwargs)
+            return make_press(self.press, budget=self.budget, **self.press_kwargs)
         except (TypeError, ValueError) as error:
             raise EngineConfigError(f"mmshiftkv.vllm: cannot build {self.press!r} press: {error}") from error
 

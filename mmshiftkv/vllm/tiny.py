@@ -1,6 +1,6 @@
 """Tiny random-weight models that vLLM's CPU build can serve, saved to a folder vLLM loads offline.
 
-:func:`mmshiftkv.models.tiny.build_tiny_model` makes heads of 16 features; vLLM's CPU attention
+:func:`mmshiftkv.testing.build_tiny_model` makes heads of 16 features; vLLM's CPU attention
 kernels need at least 32. :func:`build_servable_tiny_model` takes the same families, processors
 and tokenizers and widens the decoder to 4 query heads x 32 features (2 KV heads), the M-RoPE
 sections of Qwen-VL scaled to match.
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from mmshiftkv.models.tiny import build_tiny_model
+from mmshiftkv.testing import build_tiny_model
 
 #: Families served by the vLLM tests and benchmark.
 SERVABLE_FAMILIES = ("qwen2", "qwen2.5-vl", "qwen2-vl")

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmshiftkv.presses import PRESSES  # noqa: E402
+from mmshiftkv.registry import make_press  # noqa: E402
 from vllm_plugin.vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, selections_of  # noqa: E402
 
 MAX_TOKENS = 20
@@ -79,7 +79,7 @@ def test_press_with_images_matches_transformers(vl_models, family, press_name):
         inputs = processor(text=[text], images=[image], return_tensors="pt")
         prompt_len = inputs["input_ids"].shape[1]
         assert len(output.prompt_token_ids) == prompt_len > BUDGET
-        press = PRESSES[press_name](budget=BUDGET)
+        press = make_press(press_name, budget=BUDGET)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with press(model):

@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from mmshiftkv.presses import PRESSES  # noqa: E402
+from mmshiftkv.registry import make_press  # noqa: E402
 from vllm_plugin.vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, scheduler_of, selections_of  # noqa: E402
 
 #: Prompts of different lengths submitted together: two longer than one block, one within the budget.
@@ -35,7 +35,7 @@ def transformers_generate(model, prompt: list[int], press_name: str | None):
     if press_name is None:
         out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
         return out[0, len(prompt) :].tolist(), None
-    press = PRESSES[press_name](budget=BUDGET)
+    press = make_press(press_name, budget=BUDGET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short prompts warn that they stay uncompressed
         with press(model):
