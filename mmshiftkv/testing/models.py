@@ -89,3 +89,24 @@ def tiny(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, Any]:
     Callers must not change the returned model (its weights, config or generation config).
     """
     return build_tiny_model(family, attn_implementation=attn)
+
+
+#: Factor by which :func:`tiny_sharpened` multiplies the attention scaling of the ``i``-th KV layer.
+SHARPENING = 200.0
+
+
+@functools.cache
+def tiny_sharpened(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, Any]:
+    """A tiny model whose KV layers attend ever more sharply: layer ``i``'s scaling times ``SHARPENING ** i``.
+
+    The random-weight models attend almost uniformly in every layer, so allocators that share the
+    budget by the layers' attention entropy or sparsity (MEDA, VL-Cache) would split it evenly; here
+    the layers differ strongly. Built once per process (its own weights, not :func:`tiny`'s); callers
+    must not change it.
+    """
+    from mmshiftkv.models import get_adapter
+
+    model, processor = build_tiny_model(family, attn_implementation=attn)
+    for i, module in enumerate(get_adapter(model).attention_modules):
+        module.scaling = module.scaling * SHARPENING**i
+    return model, processor
