@@ -93,21 +93,22 @@ class MEDAAllocator(LayerBudgetAllocator):
     ) -> torch.Tensor:
         visual = image_mask & key_mask
         text = key_mask & ~image_mask
-        batch = key_mask.shape[0]
-        sums = {"tv": torch.zeros(batch, dtype=torch.float64), "vt": torch.zeros(batch, dtype=torch.float64)}
-        prompt_sum = torch.zeros(batch, dtype=torch.float64)
-        for block in blocks:
-            rows = block.queries
-            for name, query_kind, key_kind in (("tv", text, visual), ("vt", visual, text)):
-                probs = masked_softmax(block.logits, key_kind[:, None, None, :])
-                per_row = row_entropy(probs).mean(1)  # (batch, rows): mean over query heads
-                chosen = rows & query_kind[:, block.query_index]
-                sums[name] += (per_row * chosen).sum(-1).double().cpu()
-            prompt_sum += _entropy_sum(block).cpu()
         n_text, n_visual = text.sum(-1).cpu(), visual.sum(-1).cpu()
+        cross_modal = (n_text > 0) & (n_visual > 0)
+        batch = key_mask.shape[0]
+        sums = {kind: torch.zeros(batch, dtype=torch.float64) for kind in ("tv", "vt", "prompt")}
+        for block in blocks:
+            # One softmax per row: a text query over the visual keys, a visual query over the text keys.
+            query_is_text = text[:, block.query_index]  # (batch, rows)
+            other = torch.where(query_is_text[:, :, None], visual[:, None, :], text[:, None, :])
+            per_row = row_entropy(masked_softmax(block.logits, other[:, None])).mean(1)  # (batch, rows)
+            sums["tv"] += (per_row * (block.queries & query_is_text)).sum(-1).double().cpu()
+            sums["vt"] += (per_row * (block.queries & visual[:, block.query_index])).sum(-1).double().cpu()
+            if not bool(cross_modal.all()):
+                sums["prompt"] += _entropy_sum(block).cpu()
         cross = sums["tv"] / n_text.clamp(min=1) + sums["vt"] / n_visual.clamp(min=1)
-        prompt = prompt_sum / key_mask.sum(-1).cpu().clamp(min=1)
-        return torch.where((n_text > 0) & (n_visual > 0), cross, prompt)
+        prompt = sums["prompt"] / key_mask.sum(-1).cpu().clamp(min=1)
+        return torch.where(cross_modal, cross, prompt)
 
 
 def _entropy_sum(block: QueryBlock) -> torch.Tensor:

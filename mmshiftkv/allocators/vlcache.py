@@ -22,17 +22,20 @@ from mmshiftkv.validation import check_bool, check_int
 class VLCacheAllocator(LayerBudgetAllocator):
     """Layer budgets in proportion to each layer's post-vision attention density (VL-Cache, Sec. 4.1).
 
-    No code was released with the paper. What is the paper's: the post-vision attention (queries =
-    the tokens after the last visual token, over every prompt key they see) measures a layer's
-    sparsity at prefill, per prompt; the layers share the budget in proportion to their density
-    ``1 - gamma_l``. Our reading of its definitions, the same as the one public re-implementation
-    (SalesforceAIResearch/GUI-KV, ``VLCacheCluster`` and its budget code), for a sample and layer:
+    No code was released with the paper, and only its abstract, the caption of its Fig. 4 and
+    third-party summaries could be read here. What they say: the post-vision attention (queries =
+    the tokens after the last visual token) measures each layer's sparsity at prefill, per prompt,
+    and the limited budget is distributed across layers by it. The definitions below are our
+    reading of the paper's Sec. 3-4 (from memory, not re-read here); the one public
+    re-implementation (SalesforceAIResearch/GUI-KV, ``VLCacheCluster`` and its budget code) agrees
+    with them except for the threshold. For a sample and layer:
 
     * ``gamma_l`` = fraction of the post-vision attention entries ``A[h, i, j]`` (query heads ``h``,
       post-vision queries ``i``, the keys ``j`` query ``i`` sees: causal, padding excluded) below the
-      threshold: ``A < threshold * max_j A[h, i, :]`` (``relative``, the paper's threshold filter
+      threshold: ``A < threshold * max_j A[h, i, :]`` (``relative``: the paper's threshold filter,
       relative to the row maximum) or ``A <= threshold`` (absolute, as GUI-KV counts);
-    * ``B_l = (1 - gamma_l) / sum_k (1 - gamma_k) * L * B`` tokens per KV head.
+    * ``B_l = (1 - gamma_l) / sum_k (1 - gamma_k) * L * B`` tokens per KV head (GUI-KV's
+      ``betas``).
 
     Ours: the bounds ``[1, n]`` with redistribution and the largest-remainder rounding of
     :mod:`mmshiftkv.allocators.layer_budgets`, so the layers sum to ``L * B`` exactly (GUI-KV

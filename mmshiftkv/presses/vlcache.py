@@ -18,10 +18,11 @@ from mmshiftkv.validation import check_int
 class VLCachePress(BudgetedPress):
     """VL-Cache (Tu et al., ICLR 2025, Sec. 4.2): tokens ranked by the post-vision attention.
 
-    No code was released with the paper. From the paper: the *post-vision* tokens (the language
-    tokens after the last visual token: the question and the assistant prefix) are the queries that
-    best predict what decoding will attend to; a prompt token's importance is the attention those
-    queries give it, accumulated over them (the layers' budgets come from the same attention:
+    No code was released with the paper (and only its abstract, Fig. 4 caption and third-party
+    summaries were readable here). From the paper: *post-vision attention* selects the critical
+    visual and language tokens: the queries are the post-vision tokens (the language tokens after the
+    last visual token: the question and the assistant prefix), a prompt token's importance the
+    attention they give it, accumulated over them (the layers' budgets come from the same attention:
     :class:`~mmshiftkv.allocators.vlcache.VLCacheAllocator`, which the registry's ``"vlcache"`` adds
     by default). Our reading, the same as the public re-implementation in SalesforceAIResearch/GUI-KV
     (``VLCacheCluster``): the post-vision tokens themselves are always kept (they are the window;
