@@ -3,11 +3,12 @@
 Allocators with ``needs_all_layers`` (:class:`~mmshiftkv.allocators.layer_budgets.LayerBudgetAllocator`:
 MEDA, VL-Cache) give a layer its budget from statistics of every layer. Under one, a press's
 :meth:`~mmshiftkv.presses.base.BudgetedPress.compress_layer` keeps, per layer, the press's scores
-``(batch, kv_heads, seq_len)`` float32 (about 1/64 of the layer's KV for a head dimension of 128)
-and the allocator's statistic ``(batch,)``, computed at the layer's attention from its queries in
-bounded blocks (:func:`~mmshiftkv.presses.attention.query_blocks`). When the decoder's forward
-returns, :meth:`~mmshiftkv.presses.base.BudgetedPress.finish_prefill` asks the allocator for every
-layer's counts at once and selects and compresses the layers with the rule every press uses.
+``(batch, kv_heads, seq_len)`` float32 (4 bytes per token and KV head: 1/128 of the layer's bf16
+keys and values at head_dim 128) and the allocator's statistic ``(batch,)``, computed at the
+layer's attention from its queries in bounded blocks
+(:func:`~mmshiftkv.presses.attention.query_blocks`). When the decoder's forward returns,
+:meth:`~mmshiftkv.presses.base.BudgetedPress.finish_prefill` asks the allocator for every layer's
+counts at once and selects and compresses the layers with the rule every press uses.
 
 The cost: the full prompt cache of every layer is held until the end of the prefill forward (as
 without a press) instead of each layer shrinking right after its attention; afterwards the cache
