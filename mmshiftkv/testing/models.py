@@ -96,7 +96,9 @@ SHARPENING = 200.0
 
 
 @functools.cache
-def tiny_sharpened(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, Any]:
+def tiny_sharpened(
+    family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, Any]:
     """A tiny model whose KV layers attend ever more sharply: layer ``i``'s scaling times ``SHARPENING ** i``.
 
     The random-weight models attend almost uniformly in every layer, so allocators that share the
@@ -106,7 +108,7 @@ def tiny_sharpened(family: str, attn: str = "sdpa") -> tuple[PreTrainedModel, An
     """
     from mmshiftkv.models import get_adapter
 
-    model, processor = build_tiny_model(family, attn_implementation=attn)
+    model, processor = build_tiny_model(family, attn_implementation=attn, dtype=dtype)
     for i, module in enumerate(get_adapter(model).attention_modules):
         module.scaling = module.scaling * SHARPENING**i
     return model, processor
