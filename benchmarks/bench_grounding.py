@@ -7,10 +7,13 @@ greedy answers (the model writes a fixed lead-in first, so every answer symbol i
 compressed cache). FullKV runs once as the reference.
 
 Allocations: uniform (every press's default), PyramidKV, AdaKV and SparseMM, all with a window
-of a quarter of the budget. SparseMM's visual-head scores are calibrated on this model by the
-SparseMM procedure (:func:`mmshiftkv.evaluation.calibrate.compute_visual_head_scores`) on
-"read all items" images from a stream neither training nor evaluation uses. ShiftKV's ablations
-(paper Table 5) and the authors' preset run with uniform budgets.
+of a quarter of the budget, and the whole-model layer budgets of MEDA (cross-modal attention
+entropy) and VL-Cache (post-vision attention sparsity). VL-Cache's press under the "vlcache"
+allocation is VL-Cache as published; under the others it is its post-vision scoring alone.
+SparseMM's visual-head scores are calibrated on this model by the SparseMM procedure
+(:func:`mmshiftkv.evaluation.calibrate.compute_visual_head_scores`) on "read all items" images
+from a stream neither training nor evaluation uses. ShiftKV's ablations (paper Table 5) and the
+authors' preset run with uniform budgets.
 
 Also on this model, for "read all items" questions (the multi-token answers) at one budget: the
 prefill-vs-decode attention-input statistics (paper Fig. 1a) and the share of each decode query's
@@ -69,6 +72,7 @@ PRESS_CONFIGS: dict[str, tuple[str, dict]] = {
     "keydiff": ("keydiff", {}),
     "expected_attention": ("expected_attention", {}),
     "last_attn": ("last_attn", {}),
+    "vlcache": ("vlcache", {}),
 }
 #: ShiftKV variants run with uniform budgets (the paper's Table 5 ablations and the authors' code).
 #: ``sampling=False`` is not listed: it is LastAttn (tested equal). ``position_stride=1`` puts the

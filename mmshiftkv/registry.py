@@ -20,9 +20,11 @@ from typing import Any
 from mmshiftkv.allocators import (
     AdaAllocator,
     Allocator,
+    MEDAAllocator,
     PyramidAllocator,
     SparseMMAllocator,
     UniformAllocator,
+    VLCacheAllocator,
 )
 from mmshiftkv.allocators.head_scores import HeadScoreSource
 from mmshiftkv.presses import (
@@ -34,6 +36,7 @@ from mmshiftkv.presses import (
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
+    VLCachePress,
 )
 
 #: The name of the uncompressed baseline, which takes no budget.
@@ -48,6 +51,7 @@ PRESSES: dict[str, type[BudgetedPress]] = {
     "keydiff": KeyDiffPress,
     "expected_attention": ExpectedAttentionPress,
     "last_attn": LastAttnPress,
+    "vlcache": VLCachePress,
 }
 
 #: Every allocator class by its name; ``"uniform"`` is the paper's default (Tables 1-2).
@@ -56,7 +60,14 @@ ALLOCATORS: dict[str, type[Allocator]] = {
     "pyramid": PyramidAllocator,
     "ada": AdaAllocator,
     "sparsemm": SparseMMAllocator,
+    "meda": MEDAAllocator,
+    "vlcache": VLCacheAllocator,
 }
+
+#: Presses whose paper pairs them with an allocator: :func:`make_press` builds that allocator (its
+#: defaults) when none is given. ``make_press("vlcache", budget=64)`` is VL-Cache as published
+#: (post-vision scoring + sparsity-aware layer budgets); pass ``allocator="uniform"`` for the press alone.
+PAPER_ALLOCATORS: dict[str, str] = {"vlcache": "vlcache"}
 
 
 def _fields(cls: type) -> set[str]:
@@ -118,7 +129,8 @@ def make_press(
         ignored, so a grid of budgets x allocators can build it like the others.
     allocator : Allocator or str, optional
         How the budget is shared between layers and KV heads; a name is built by
-        :func:`make_allocator` with its defaults. Default: ``budget`` everywhere.
+        :func:`make_allocator` with its defaults. Default: the press's paper allocator
+        (:data:`PAPER_ALLOCATORS`) where it has one, else ``budget`` everywhere.
     **fields
         Further fields of the press class (``window_size=8``, ``gamma=10.0``, ...).
 
@@ -134,6 +146,8 @@ def make_press(
         return FullKVPress(**fields)
     if budget is None and "compression_ratio" not in fields:
         raise ValueError(f"press {name!r} needs a budget")
+    if allocator is None and name in PAPER_ALLOCATORS and budget is not None:
+        allocator = PAPER_ALLOCATORS[name]
     if isinstance(allocator, str):
         allocator = make_allocator(allocator)
     return PRESSES[name](budget=budget, allocator=allocator, **fields)

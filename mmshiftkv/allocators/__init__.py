@@ -8,16 +8,23 @@ from mmshiftkv.allocators.head_scores import (
     load_head_scores,
     save_head_scores,
 )
+from mmshiftkv.allocators.layer_budgets import LayerBudgetAllocator, QueryBlock
+from mmshiftkv.allocators.meda import MEDAAllocator
 from mmshiftkv.allocators.pyramid import PyramidAllocator
 from mmshiftkv.allocators.sparsemm import SparseMMAllocator
 from mmshiftkv.allocators.uniform import UniformAllocator
+from mmshiftkv.allocators.vlcache import VLCacheAllocator
 
 __all__ = [
     "AdaAllocator",
     "Allocator",
+    "LayerBudgetAllocator",
+    "MEDAAllocator",
     "PyramidAllocator",
+    "QueryBlock",
     "SparseMMAllocator",
     "UniformAllocator",
+    "VLCacheAllocator",
     "check_head_score_shape",
     "head_score_table",
     "load_head_scores",

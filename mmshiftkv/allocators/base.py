@@ -55,11 +55,16 @@ class Allocator(ABC):
     ----------
     needs_scores : bool
         Class flag: True when :meth:`allocate` needs the press's token scores (AdaKV).
+    needs_all_layers : bool
+        Class flag: True when a layer's budget depends on statistics of every layer (MEDA, VL-Cache):
+        the press then scores all layers first and allocates and compresses them once the prefill
+        forward is done (:class:`~mmshiftkv.allocators.layer_budgets.LayerBudgetAllocator`).
     n_layers, n_heads, n_kv_heads : int
         The bound model's decoder layers, query heads and KV heads (0 before :meth:`bind`).
     """
 
     needs_scores: ClassVar[bool] = False
+    needs_all_layers: ClassVar[bool] = False
     n_layers: int = field(default=0, init=False, repr=False, compare=False)
     n_heads: int = field(default=0, init=False, repr=False, compare=False)
     n_kv_heads: int = field(default=0, init=False, repr=False, compare=False)

@@ -40,6 +40,18 @@ def last_row_visibility(mask: object) -> torch.Tensor | None:
     return None
 
 
+def full_mask(mask: object) -> torch.Tensor | None:
+    """The widest 4-D mask ``(batch or 1, 1, q_len, kv_len)`` a decoder received, or None (2-D or no mask).
+
+    With a dict of masks per layer type (Gemma 3's sliding and full layers), the one whose last query
+    sees the most keys: the full-attention layers' mask, the one of the layers a press compresses.
+    """
+    if isinstance(mask, dict):
+        candidates = [m for m in (full_mask(value) for value in mask.values()) if m is not None]
+        return max(candidates, key=lambda m: int(last_row_visibility(m).sum())) if candidates else None
+    return mask if isinstance(mask, torch.Tensor) and mask.ndim == 4 else None
+
+
 def _widest(found: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
     """Of several layer types' visibilities, the one that lets the most keys be seen."""
     candidates = [m for m in found if m is not None]

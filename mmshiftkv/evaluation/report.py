@@ -41,9 +41,17 @@ PRESS_LABELS = {
     "keydiff": "KeyDiff",
     "expected_attention": "ExpectedAttn",
     "last_attn": "LastAttn",
+    "vlcache": "VL-Cache",
 }
 #: Allocation names of the paper's Table 3 (uniform allocation is the unnamed default).
-ALLOCATOR_LABELS = {"uniform": "", "pyramid": "PyramidKV", "ada": "AdaKV", "sparsemm": "SparseMM"}
+ALLOCATOR_LABELS = {
+    "uniform": "",
+    "pyramid": "PyramidKV",
+    "ada": "AdaKV",
+    "sparsemm": "SparseMM",
+    "meda": "MEDA",
+    "vlcache": "VL-Cache",
+}
 
 
 def method_label(press: str, allocator: str | None = None) -> str:

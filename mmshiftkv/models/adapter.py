@@ -103,6 +103,10 @@ def find_decoder(model: nn.Module) -> nn.Module:
     return candidates[0]
 
 
+#: Config fields naming the token ids of image and video features (:attr:`ModelAdapter.media_token_ids`).
+MEDIA_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
 @dataclass
 class ModelAdapter:
     """Structural knowledge of one model used by every press.
@@ -163,6 +167,32 @@ class ModelAdapter:
     @property
     def rotary_emb(self) -> nn.Module:
         return self.decoder.rotary_emb
+
+    # ------------------------------------------------------------------ media
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """Token ids that stand for image or video features in ``input_ids`` (empty for a text model).
+
+        Read from the model config's :data:`MEDIA_TOKEN_FIELDS` (``image_token_id`` in Qwen-VL, GLM-4V,
+        InternVL, Idefics3; ``image_token_index`` in LLaVA, Mistral3, Gemma 3; the video ones likewise).
+        """
+        config = self.model.config
+        found = {getattr(config, name, None) for name in MEDIA_TOKEN_FIELDS}
+        return tuple(sorted(v for v in found if isinstance(v, int) and not isinstance(v, bool)))
+
+    def media_mask(self, input_ids: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+        """``(batch, seq_len)`` bool, True at image/video tokens of the prompt ``input_ids``.
+
+        All False for a text-only model (no media token ids in its config), whatever the inputs; None
+        when the model has media tokens but the prompt's ids are unknown or of another shape
+        (``inputs_embeds`` alone).
+        """
+        ids = self.media_token_ids
+        if not ids:
+            return torch.zeros(batch, seq_len, dtype=torch.bool)
+        if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != (batch, seq_len):
+            return None
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     # ------------------------------------------------------------- projections
     def query_states(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from mmshiftkv.presses.shiftkv import ShiftKVPress
 from mmshiftkv.presses.snapkv import SnapKVPress
 from mmshiftkv.presses.state import CompressionStats, ScoringState
 from mmshiftkv.presses.streaming_llm import StreamingLLMPress
+from mmshiftkv.presses.vlcache import VLCachePress
 
 __all__ = [
     "BudgetPress",
@@ -29,5 +30,6 @@ __all__ = [
     "SnapKVPress",
     "StreamingLLMPress",
     "UnsupportedCacheError",
+    "VLCachePress",
     "select_kept_indices",
 ]

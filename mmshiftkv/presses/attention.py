@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from mmshiftkv.allocators.layer_budgets import QueryBlock
+from mmshiftkv.cache.attention import visible as mask_visibility
 from mmshiftkv.models.adapter import ModelAdapter
 
 if TYPE_CHECKING:
@@ -100,3 +103,77 @@ def last_query_attention(
         visibility=state.visibility,
     )
     return mean_over_query_groups(probs[:, :, 0], keys.shape[1])
+
+
+#: Floats of one block of attention logits (batch x query heads x rows x keys) in
+#: :func:`query_blocks`: 4M float32 = 16 MB, whatever the prompt's length.
+QUERY_BLOCK_ELEMENTS = 1 << 22
+
+
+def query_blocks(
+    state: ScoringState,
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    block_elements: int = QUERY_BLOCK_ELEMENTS,
+) -> Iterator[QueryBlock]:
+    """Attention logits of the chosen prompt queries over all prompt keys, block by block.
+
+    Queries are projected and rotated as the model does (:meth:`ModelAdapter.query_states`,
+    :meth:`~ModelAdapter.apply_rope` at the prompt positions), block by block of consecutive rows so
+    that a block's logits stay within ``block_elements`` floats; blocks holding none of the chosen
+    queries are skipped. GQA without copying keys: the query heads of a KV head are stacked as rows.
+
+    Parameters
+    ----------
+    state : ScoringState
+        The prefill's state (positions, padding, the model's own mask).
+    module : nn.Module
+        The attention layer.
+    hidden_states : torch.Tensor
+        Its input, ``(batch, seq_len, hidden)``.
+    keys : torch.Tensor
+        The cached (rotated) prompt keys, ``(batch, kv_heads, seq_len, head_dim)``.
+    queries : torch.Tensor
+        ``(batch, seq_len)`` bool, the queries wanted.
+    block_elements : int
+        Bound on ``batch * q_heads * rows * seq_len`` per block.
+
+    Yields
+    ------
+    QueryBlock
+        Rows in increasing position; ``queries`` and ``visible`` exclude padding.
+    """
+    batch, kv_heads, seq_len, head_dim = keys.shape
+    key_mask = state.key_mask
+    if key_mask is None:
+        key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+    wanted = queries & key_mask
+    q_heads = state.adapter.n_heads
+    group = q_heads // kv_heads
+    rows = max(1, block_elements // (batch * q_heads * seq_len))
+    keys_t = keys.float().transpose(-1, -2)
+    positions = torch.arange(seq_len, device=keys.device)
+    chosen = wanted.any(0).nonzero()
+    first = int(chosen[0]) if chosen.numel() else seq_len
+    for start in range(first, seq_len, rows):
+        stop = min(start + rows, seq_len)
+        block_wanted = wanted[:, start:stop]
+        if not bool(block_wanted.any()):
+            continue
+        query_states = state.adapter.query_states(module, hidden_states[:, start:stop])
+        query_states = state.adapter.apply_rope(query_states, state.positions[..., start:stop], module)
+        stacked = query_states.float().reshape(batch, kv_heads, group * (stop - start), head_dim)
+        logits = torch.matmul(stacked, keys_t).view(batch, q_heads, stop - start, seq_len) * module.scaling
+        if state.mask is not None:
+            seen = mask_visibility(state.mask[:, 0, start:stop, :seq_len]).to(keys.device)
+            seen = seen.expand(batch, -1, -1)
+        else:
+            seen = (positions[None, :] <= positions[start:stop, None])[None].expand(batch, -1, -1)
+        yield QueryBlock(
+            logits=logits,
+            query_index=positions[start:stop],
+            queries=block_wanted,
+            visible=seen & key_mask[:, None, :],
+        )

@@ -26,6 +26,7 @@ from transformers import Cache
 
 from mmshiftkv.allocators.base import Allocator
 from mmshiftkv.cache import CompressedLayer, make_crop_atomic
+from mmshiftkv.presses.deferred import DeferredLayers
 from mmshiftkv.presses.errors import CompressionSkippedWarning
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.presses.session import PressSession
@@ -77,6 +78,8 @@ class BudgetedPress:
         self._state: ScoringState | None = None
         #: The ``with press(model):`` block this press is in, if any.
         self._session: PressSession | None = None
+        #: The prefill's layers waiting for a whole-model allocation (``allocator.needs_all_layers``).
+        self._deferred: DeferredLayers | None = None
 
     # ------------------------------------------------------------ press API
     def score(
@@ -152,25 +155,28 @@ class BudgetedPress:
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> None:
-        """Score, select and replace ``cache.layers[module.layer_idx]`` by the kept tokens."""
+        """Score, select and replace ``cache.layers[module.layer_idx]`` by the kept tokens.
+
+        Under an allocator that needs every layer (``allocator.needs_all_layers``: MEDA, VL-Cache) the
+        layer is only scored here; :meth:`finish_prefill` allocates and compresses all layers once the
+        prefill forward is done.
+        """
         adapter = self.state.adapter
         layer_idx = module.layer_idx
         keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
         batch, _, seq_len, _ = keys.shape
-        if getattr(module, "sliding_window", None) or seq_len < hidden_states.shape[1]:
-            # Sliding-window layers keep their own window (at most `sliding_window` tokens): decoding
-            # past the window over a compressed layer would not match the model's semantics.
-            held = keys.nbytes + values.nbytes
-            n_tokens = self.state.n_tokens(batch, hidden_states.shape[1], keys.device)
-            kept = n_tokens.clamp(max=seq_len)[:, None].expand(-1, adapter.n_kv_heads)
-            self._record(adapter.ordinal(module), n_tokens, kept, None, held, held)
+        ordinal = adapter.ordinal(module)
+        whole = self._kept_whole(module, hidden_states, keys, values)
+        if self.allocator is not None and self.allocator.needs_all_layers:
+            if ordinal == 0 or self._deferred is None:
+                self._deferred = DeferredLayers()
+            self._deferred.add(self, module, hidden_states, keys, values, attentions, kwargs, whole)
+            return
+        if whole is not None:
+            self._record(*whole)
             return
         n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
-        ordinal = adapter.ordinal(module)
         before = keys.nbytes + values.nbytes
-        if not self.asks_compression:
-            self._record(ordinal, n_tokens, None, None, before, before)
-            return
         adapter.verify_rotation(module, hidden_states, keys, self.state.positions)
         scores = None
         if self.allocator is not None and self.allocator.needs_scores:
@@ -181,12 +187,51 @@ class BudgetedPress:
             return
         if scores is None:
             scores = self.masked_scores(module, hidden_states, keys, values, attentions, kwargs)
+        self._record(*self._replace_layer(cache, layer_idx, ordinal, n_tokens, counts, scores))
+
+    def finish_prefill(self, cache: Cache | None) -> None:
+        """End of a prefill forward: allocate and compress the layers :meth:`compress_layer` deferred."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred.finish(self, cache)
+
+    def _kept_whole(
+        self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple | None:
+        """:meth:`_record` arguments of a layer this press leaves as it is, or None if it compresses it."""
+        adapter = self.state.adapter
+        batch, _, seq_len, _ = keys.shape
+        held = keys.nbytes + values.nbytes
+        if getattr(module, "sliding_window", None) or seq_len < hidden_states.shape[1]:
+            # Sliding-window layers keep their own window (at most `sliding_window` tokens): decoding
+            # past the window over a compressed layer would not match the model's semantics.
+            n_tokens = self.state.n_tokens(batch, hidden_states.shape[1], keys.device)
+            kept = n_tokens.clamp(max=seq_len)[:, None].expand(-1, adapter.n_kv_heads)
+            return adapter.ordinal(module), n_tokens, kept, None, held, held
+        if not self.asks_compression:
+            n_tokens = self.state.n_tokens(batch, seq_len, keys.device)
+            return adapter.ordinal(module), n_tokens, None, None, held, held
+        return None
+
+    def _replace_layer(
+        self,
+        cache: Cache,
+        layer_idx: int,
+        ordinal: int,
+        n_tokens: torch.Tensor,
+        counts: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple:
+        """Replace ``cache.layers[layer_idx]`` by its ``counts`` best-scored tokens; returns :meth:`_record`'s
+        arguments."""
+        layer = cache.layers[layer_idx]
+        before = layer.keys.nbytes + layer.values.nbytes
         indices, lengths = select_kept_indices(scores, counts, self.state.key_mask)
         reader = self._session.model if self._session is not None else None
-        compressed = CompressedLayer.from_selection(keys, values, indices, lengths, reader=reader)
+        compressed = CompressedLayer.from_selection(layer.keys, layer.values, indices, lengths, reader=reader)
         cache.layers[layer_idx] = compressed
         make_crop_atomic(cache)
-        self._record(ordinal, n_tokens, lengths, indices, before, compressed.nbytes)
+        return ordinal, n_tokens, lengths, indices, before, compressed.nbytes
 
     def masked_scores(
         self,

@@ -28,7 +28,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache
-from mmshiftkv.cache.masks import last_rows, padding_mask
+from mmshiftkv.cache.masks import full_mask, last_rows, padding_mask
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
 from mmshiftkv.presses.state import ScoringState
@@ -119,6 +119,8 @@ class _Forward:
     #: True while a layer is being scored: rotary calls a scorer makes then (kvpress's
     #: ExpectedAttention and CAP call it with future positions) are not the prompt's positions.
     scoring: bool = False
+    #: The prompt's token ids (the decoder's, else those the model was called with), for the image mask.
+    input_ids: torch.Tensor | None = None
 
 
 class PressSession:
@@ -150,6 +152,8 @@ class PressSession:
         self.prefills_seen = 0
         #: Inside ``model.generate``: the prompt's length, which the prefill forward must hold.
         self.generate_prompt_length: int | None = None
+        #: The ``input_ids`` of the model forward in flight, until its decoder forward takes them.
+        self._model_input_ids: torch.Tensor | None = None
         with _ACTIVE_LOCK:
             active = press._session
             if active is not None:
@@ -176,6 +180,7 @@ class PressSession:
             if press.allocator is not None:
                 press.allocator.bind(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads)
             press.post_init_from_model(model)
+            hooks.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             decoder = adapter.decoder
             hooks.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
             hooks.append(decoder.register_forward_hook(self._decoder_hook, with_kwargs=True))
@@ -217,6 +222,12 @@ class PressSession:
             )
 
     # ---------------------------------------------------------------- hooks
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the token ids the model is called with: a VLM's decoder sees only embeddings."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        is_ids = isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point()
+        self._model_input_ids = ids if is_ids else None
+
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
@@ -238,10 +249,19 @@ class PressSession:
                     f"not the {type(kwargs[misplaced[0]])} given as {misplaced[0]}= "
                     "(legacy tuple caches are not supported: pass DynamicCache())"
                 )
+        ids = kwargs.get("input_ids")
+        ids = ids if isinstance(ids, torch.Tensor) else self._model_input_ids
+        self._model_input_ids = None
         self.forward = _Forward(
             cache=cache,
             prefill=prefill,
-            state=ScoringState(adapter=self.adapter, key_mask=padding_mask(mask), visibility=last_rows(mask)),
+            state=ScoringState(
+                adapter=self.adapter,
+                key_mask=padding_mask(mask),
+                visibility=last_rows(mask),
+                mask=full_mask(mask),
+            ),
+            input_ids=ids if prefill is not False else None,
         )
         if prefill and self.press.asks_compression:
             self._check_prefill(cache, kwargs)
@@ -275,8 +295,10 @@ class PressSession:
             )
 
     def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Refuse a cache the decoder built or used that is not a transformers ``Cache``."""
+        """Finish a prefill; refuse a cache the decoder built or used that is not a transformers ``Cache``."""
         forward = self.forward
+        if forward is not None and forward.prefill:
+            self._finish_prefill(forward)
         if forward is None or forward.cache is not None or not self.press.asks_compression:
             return
         values = output.values() if hasattr(output, "values") else ()
@@ -289,6 +311,16 @@ class PressSession:
                 "so nothing could be compressed. "
                 "Use a transformers release where this model uses DynamicCache"
             )
+
+    def _finish_prefill(self, forward: _Forward) -> None:
+        """End of a prefill forward: the press compresses the layers it deferred (whole-model
+        allocators, :mod:`mmshiftkv.presses.deferred`); the model's full mask is released."""
+        try:
+            with self.press.scoring(forward.state):
+                self.press.finish_prefill(forward.cache)
+        finally:
+            forward.state.mask = None
+            forward.input_ids = None
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = self.forward
@@ -313,6 +345,7 @@ class PressSession:
         press = self.press
         if module is self.adapter.attention_modules[0]:
             self.prefills_seen += 1
+            forward.state.image_mask = self.adapter.media_mask(forward.input_ids, *hidden_states.shape[:2])
             if press.asks_compression and forward.state.key_mask is not None:
                 check_left_padding(forward.state.key_mask, self.name)
         with press.scoring(forward.state), self._scoring_layer(forward):

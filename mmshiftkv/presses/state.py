@@ -30,12 +30,23 @@ class ScoringState:
         ``(batch, rows, seq_len)`` bool: which keys each of the last ``rows`` prompt queries may
         attend to, read off the model's own 4-D mask (image tokens attend bidirectionally in
         Gemma 3); None when the model gave a plain causal/padding mask.
+    image_mask : torch.Tensor or None
+        ``(batch, seq_len)`` bool, True at the prompt's image and video tokens (the model config's
+        image/video token ids in ``input_ids``); all False for a text-only model; None when the
+        prompt's token ids are unknown (``inputs_embeds`` alone).
+    mask : torch.Tensor or None
+        The model's own 4-D mask ``(batch or 1, 1, seq_len, seq_len)`` (boolean, or additive with 0 =
+        visible) when it gave one, for presses and allocators that read the attention of any prompt
+        query (:func:`~mmshiftkv.presses.attention.query_blocks`); None means causal attention with
+        ``key_mask`` padding. Held during the prefill forward only.
     """
 
     adapter: ModelAdapter
     key_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     visibility: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def n_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Real prompt tokens per sample, ``(batch,)`` int64."""
@@ -60,6 +71,10 @@ class CompressionStats:
     bytes_before, bytes_after : int
         Bytes of the prompt KV cache (keys + values, all layers, the whole batch with its padding)
         before and after compression.
+    layer_statistics : torch.Tensor or None
+        ``(kv_layers, batch)`` float64, the per-layer statistic a whole-model allocator shared the
+        budget by (MEDA's entropy, VL-Cache's sparsity); NaN for layers it did not allocate
+        (sliding-window layers); None under other allocators.
     """
 
     prompt_tokens: list[int] = field(default_factory=list)
@@ -67,6 +82,7 @@ class CompressionStats:
     indices: list[torch.Tensor | None] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    layer_statistics: torch.Tensor | None = None
 
     @property
     def compressed(self) -> bool:

@@ -22,8 +22,16 @@ from mmshiftkv.testing.families import (
     VIDEO_FAMILIES,
     VISION_FAMILIES,
 )
-from mmshiftkv.testing.inputs import QUESTION, chat_inputs, greedy, make_inputs, make_video, synthetic_image
-from mmshiftkv.testing.models import build_tiny_model, kvpress_leftovers_removed, tiny
+from mmshiftkv.testing.inputs import (
+    QUESTION,
+    chat_inputs,
+    greedy,
+    greedy_under,
+    make_inputs,
+    make_video,
+    synthetic_image,
+)
+from mmshiftkv.testing.models import build_tiny_model, kvpress_leftovers_removed, tiny, tiny_sharpened
 
 __all__ = [
     "ALL_FAMILIES",
@@ -39,8 +47,10 @@ __all__ = [
     "chat_inputs",
     "greedy",
     "kvpress_leftovers_removed",
+    "greedy_under",
     "make_inputs",
     "make_video",
     "synthetic_image",
     "tiny",
+    "tiny_sharpened",
 ]

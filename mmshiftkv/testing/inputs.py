@@ -103,3 +103,27 @@ def greedy(model: Any, inputs: dict, max_new_tokens: int = 5) -> torch.Tensor:
     """Greedy generation of the new tokens only."""
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[:, inputs["input_ids"].shape[1] :]
+
+
+def greedy_under(press: Any, model: Any, inputs: dict, max_new_tokens: int = 2) -> torch.Tensor | None:
+    """:func:`greedy` under ``press`` (its warnings silenced), or None where the press refuses the cache.
+
+    A press refuses, by name, a model-specific cache class that is not a transformers ``Cache``
+    (Qwen3.5 on transformers 5.2); None is returned only after checking that plain ``generate`` indeed
+    returns such a cache, so a refusal of a supported cache still fails the caller.
+    """
+    import warnings
+
+    from mmshiftkv.cache import returned_cache
+    from mmshiftkv.presses import UnsupportedCacheError
+
+    try:
+        with press(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return greedy(model, inputs, max_new_tokens=max_new_tokens)
+    except UnsupportedCacheError:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        if returned_cache(out) is not None:
+            raise
+        return None

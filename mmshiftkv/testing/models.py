@@ -105,3 +105,26 @@ def kvpress_leftovers_removed(model: nn.Module) -> Generator[None, None, None]:
         for attention, present in zip(attentions, had, strict=True):
             if not present and hasattr(attention, "rotary_emb"):
                 del attention.rotary_emb
+
+
+#: Factor by which :func:`tiny_sharpened` multiplies the attention scaling of the ``i``-th KV layer.
+SHARPENING = 200.0
+
+
+@functools.cache
+def tiny_sharpened(
+    family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, Any]:
+    """A tiny model whose KV layers attend ever more sharply: layer ``i``'s scaling times ``SHARPENING ** i``.
+
+    The random-weight models attend almost uniformly in every layer, so allocators that share the
+    budget by the layers' attention entropy or sparsity (MEDA, VL-Cache) would split it evenly; here
+    the layers differ strongly. Built once per process (its own weights, not :func:`tiny`'s); callers
+    must not change it.
+    """
+    from mmshiftkv.models import get_adapter
+
+    model, processor = build_tiny_model(family, attn_implementation=attn, dtype=dtype)
+    for i, module in enumerate(get_adapter(model).attention_modules):
+        module.scaling = module.scaling * SHARPENING**i
+    return model, processor

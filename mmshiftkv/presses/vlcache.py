@@ -1,0 +1,93 @@
+"""VL-Cache's modality-aware token scoring: the attention of the post-vision queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmshiftkv.allocators.layer_budgets import masked_softmax, post_vision_queries, require_image_mask
+from mmshiftkv.presses.attention import mean_over_query_groups, query_blocks
+from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.validation import check_int
+
+
+@dataclass(kw_only=True)
+class VLCachePress(BudgetedPress):
+    """VL-Cache (Tu et al., ICLR 2025, Sec. 4.2): tokens ranked by the post-vision attention.
+
+    No code was released with the paper (and only its abstract, Fig. 4 caption and third-party
+    summaries were readable here). From the paper: *post-vision attention* selects the critical
+    visual and language tokens: the queries are the post-vision tokens (the language tokens after the
+    last visual token: the question and the assistant prefix), a prompt token's importance the
+    attention they give it, accumulated over them (the layers' budgets come from the same attention:
+    :class:`~mmshiftkv.allocators.vlcache.VLCacheAllocator`, which the registry's ``"vlcache"`` adds
+    by default). Our reading, the same as the public re-implementation in SalesforceAIResearch/GUI-KV
+    (``VLCacheCluster``): the post-vision tokens themselves are always kept (they are the window;
+    their own scores are cut short by causality), and the budget left goes to the best-scored
+    earlier tokens, visual and textual alike.
+
+    Per layer, sample and KV head, with ``P`` the post-vision queries of the sample
+    (:func:`~mmshiftkv.allocators.layer_budgets.post_vision_queries`):
+
+    * ``s(j) = mean_{i in P} A[i, j]`` with ``A`` the layer's softmax attention as the model computes
+      it (rotated queries at the prompt positions, causal or the model's own mask, padding
+      excluded), averaged over the query heads of the KV head (GQA); the mean orders tokens as the
+      paper's sum does;
+    * optional average pooling over neighbouring tokens (``kernel_size``; GUI-KV pools with 5 as
+      SnapKV does, the paper does not mention it);
+    * the post-vision tokens rank above every other token, the latest first, so that a budget smaller
+      than ``|P|`` keeps the last ones.
+
+    ``P`` is found from the image/video token ids (:attr:`ScoringState.image_mask`); a prompt without
+    an image, or ending in one, uses its last ``fallback_window`` tokens instead (ours). The
+    attention is computed in float32 blocks of queries (bounded memory) whatever the model dtype.
+
+    Parameters
+    ----------
+    fallback_window : int, default=32
+        Queries standing in for the post-vision tokens of a prompt that has none.
+    kernel_size : int, default=1
+        Average-pooling kernel over the token axis (odd; 1 = none).
+    """
+
+    fallback_window: int = 32
+    kernel_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.fallback_window, "fallback_window", minimum=1)
+        check_int(self.kernel_size, "kernel_size", minimum=1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        state = self.state
+        batch, kv_heads, seq_len, _ = keys.shape
+        key_mask = state.key_mask
+        if key_mask is None:
+            key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+        image_mask = require_image_mask(state.image_mask, key_mask, type(self).__name__)
+        post_vision = post_vision_queries(key_mask, image_mask, self.fallback_window)
+        received = torch.zeros(batch, state.adapter.n_heads, seq_len, device=keys.device)
+        for block in query_blocks(state, module, hidden_states, keys, post_vision):
+            probs = masked_softmax(block.logits, block.visible[:, None])
+            received += torch.einsum("bhrs,br->bhs", probs, block.queries.float())
+        received = received / post_vision.sum(-1).clamp(min=1)[:, None, None]
+        if self.kernel_size > 1:
+            received = F.avg_pool1d(received, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        scores = mean_over_query_groups(received, kv_heads)
+        # Post-vision tokens outrank every other (mean attention is <= 1), the latest first.
+        order = post_vision.long().cumsum(-1) / post_vision.sum(-1, keepdim=True).clamp(min=1)
+        kept_first = (2.0 + order)[:, None, :].expand(-1, kv_heads, -1)
+        return torch.where(post_vision[:, None, :], kept_first, scores)
