@@ -65,3 +65,20 @@ def last_rows(mask: object, rows: int = VISIBILITY_ROWS) -> torch.Tensor | None:
     query_index = torch.arange(kv_len - q_len, kv_len, device=seen.device)
     beyond_causal = torch.arange(kv_len, device=seen.device)[None, :] > query_index[:, None]
     return seen if bool((seen & beyond_causal).any()) else None
+
+
+def query_rows(mask: object, start: int, stop: int) -> torch.Tensor | None:
+    """``(batch, stop - start, kv_len)`` bool visibility of prompt queries ``[start, stop)``, or None.
+
+    Read off the widest 4-D mask (of a dict: the layer type whose last query sees the most keys, as
+    :func:`padding_mask` picks), so image tokens that attend bidirectionally (Gemma 3) keep their
+    rows. None when the decoder got no 4-D mask: attention is then plain causal over the real keys.
+    """
+    if isinstance(mask, dict):
+        candidates = [m for m in mask.values() if isinstance(m, torch.Tensor) and m.ndim == 4]
+        if not candidates:
+            return None
+        mask = max(candidates, key=lambda m: int(visible(m[:, 0, -1, : m.shape[2]]).sum()))
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return None
+    return visible(mask[:, 0, start:stop, : mask.shape[2]])

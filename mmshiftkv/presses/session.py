@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache
 from mmshiftkv.cache.masks import last_rows, padding_mask
 from mmshiftkv.models.adapter import get_adapter
+from mmshiftkv.models.modality import media_token_mask
 from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
 from mmshiftkv.presses.state import ScoringState
 
@@ -101,6 +102,14 @@ def _attention_input(args: tuple, kwargs: dict, hidden_size: int) -> torch.Tenso
     )
 
 
+def _token_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``(batch, seq_len)`` token ids a forward got (None for ``inputs_embeds``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+        return ids
+    return None
+
+
 # The press active on each model, to refuse a second press on the same model.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, BudgetedPress] = weakref.WeakKeyDictionary()
 _ACTIVE_LOCK = threading.Lock()
@@ -147,6 +156,8 @@ class PressSession:
         self.prefills_seen = 0
         #: Inside ``model.generate``: the prompt's length, which the prefill forward must hold.
         self.generate_prompt_length: int | None = None
+        #: The token ids the model's last forward got, until its decoder's forward takes them.
+        self.token_ids: torch.Tensor | None = None
         with _ACTIVE_LOCK:
             active = press._session
             if active is not None:
@@ -174,6 +185,8 @@ class PressSession:
                 press.allocator.bind(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads)
             press.post_init_from_model(model)
             decoder = adapter.decoder
+            # First: when the model is its own decoder, the ids must be taken before the decoder's hook.
+            hooks.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             hooks.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
             hooks.append(decoder.register_forward_hook(self._decoder_hook, with_kwargs=True))
             hooks.append(
@@ -214,6 +227,17 @@ class PressSession:
             )
 
     # ---------------------------------------------------------------- hooks
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.token_ids = _token_ids(args, kwargs)
+
+    def _image_mask(self, args: tuple, kwargs: dict, prefill: bool | None) -> torch.Tensor | None:
+        """The prompt's image/video tokens, from the ids the decoder or else the model got (taken once)."""
+        ids = _token_ids(args, kwargs)
+        ids, self.token_ids = (self.token_ids if ids is None else ids), None
+        if ids is None or prefill is False:
+            return None
+        return media_token_mask(self.model.config, ids)
+
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
@@ -238,7 +262,13 @@ class PressSession:
         self.forward = _Forward(
             cache=cache,
             prefill=prefill,
-            state=ScoringState(adapter=self.adapter, key_mask=padding_mask(mask), visibility=last_rows(mask)),
+            state=ScoringState(
+                adapter=self.adapter,
+                key_mask=padding_mask(mask),
+                visibility=last_rows(mask),
+                attention_mask=mask,
+                image_mask=self._image_mask(args, kwargs, prefill),
+            ),
         )
         if prefill and self.press.asks_compression:
             self._check_prefill(cache, kwargs)

@@ -30,12 +30,21 @@ class ScoringState:
         ``(batch, rows, seq_len)`` bool: which keys each of the last ``rows`` prompt queries may
         attend to, read off the model's own 4-D mask (image tokens attend bidirectionally in
         Gemma 3); None when the model gave a plain causal/padding mask.
+    attention_mask : object
+        The mask the decoder received (2-D padding mask, 4-D mask, a dict of them per layer type, or
+        None): :func:`mmshiftkv.cache.masks.query_rows` reads the visibility of any prompt query off it.
+    image_mask : torch.Tensor or None
+        ``(batch, seq_len)`` bool, True for the prompt's image and video placeholder tokens (from its
+        token ids and the config's image/video token ids, :mod:`mmshiftkv.models.modality`); None
+        when the forward got no token ids (``inputs_embeds``).
     """
 
     adapter: ModelAdapter
     key_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     visibility: torch.Tensor | None = None
+    attention_mask: object = None
+    image_mask: torch.Tensor | None = None
 
     def n_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Real prompt tokens per sample, ``(batch,)`` int64."""
