@@ -31,6 +31,7 @@ from mmshiftkv.presses import (
     FullKVPress,
     KeyDiffPress,
     LastAttnPress,
+    LookMPress,
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -48,6 +49,7 @@ PRESSES: dict[str, type[BudgetedPress]] = {
     "keydiff": KeyDiffPress,
     "expected_attention": ExpectedAttentionPress,
     "last_attn": LastAttnPress,
+    "lookm": LookMPress,
 }
 
 #: Every allocator class by its name; ``"uniform"`` is the paper's default (Tables 1-2).
