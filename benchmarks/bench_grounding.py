@@ -69,6 +69,7 @@ PRESS_CONFIGS: dict[str, tuple[str, dict]] = {
     "keydiff": ("keydiff", {}),
     "expected_attention": ("expected_attention", {}),
     "last_attn": ("last_attn", {}),
+    "lookm": ("lookm", {}),
 }
 #: ShiftKV variants run with uniform budgets (the paper's Table 5 ablations and the authors' code).
 #: ``sampling=False`` is not listed: it is LastAttn (tested equal). ``position_stride=1`` puts the

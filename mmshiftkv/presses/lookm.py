@@ -60,7 +60,9 @@ class LookMPress(BudgetedPress):
     * MixKV's copy of the merge concatenates keys as ``[recent, selected]`` but values as
       ``[selected, recent]``; LOOK-M's own code keeps them aligned, as here.
 
-    MEDA (NAACL 2025) is this press with ``merging="average"`` under MEDA's layer allocator.
+    MEDA (NAACL 2025) is this press with ``merging="average"`` under MEDA's layer allocator. Through
+    kvpress (:func:`mmshiftkv.interop.to_kvpress`) only the score travels: kvpress's wrappers select
+    and store the tokens themselves, without the text prior or the merge.
 
     Parameters
     ----------
