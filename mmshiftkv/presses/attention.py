@@ -149,10 +149,20 @@ def attention_column_sums(
     total = torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=keys.device)
     for start in range(0, seq_len, block):
         stop = min(seq_len, start + block)
-        logits = torch.matmul(grouped[:, :, :, start:stop].float(), keys_t) * scaling
         rows = query_rows(attention_mask, start, stop)
         visible = query_visibility(batch, start, stop, seq_len, key_mask, rows, keys.device)
-        total += visible_softmax(logits, visible[:, None, None]).sum(dim=(2, 3))
+        seen = torch.nonzero(visible.any(1).any(0))
+        if seen.numel() == 0:
+            continue
+        # Causal queries see no key after the block's last one: those columns are skipped.
+        width = int(seen.max()) + 1
+        visible = visible[..., :width]
+        real_query = visible.any(-1)
+        # A padding query (it sees no key) gets a finite row and weight 0 instead of a NaN row.
+        visible = visible | ~real_query[..., None]
+        logits = torch.matmul(grouped[:, :, :, start:stop].float() * scaling, keys_t[..., :width])
+        probs = torch.softmax(logits.masked_fill_(~visible[:, None, None], float("-inf")), dim=-1)
+        total[..., :width] += torch.einsum("bhgqt,bq->bht", probs, real_query.float())
     return total
 
 
