@@ -73,6 +73,7 @@ PRESS_CONFIGS: dict[str, tuple[str, dict]] = {
     "expected_attention": ("expected_attention", {}),
     "last_attn": ("last_attn", {}),
     "vlcache": ("vlcache", {}),
+    "lookm": ("lookm", {}),
 }
 #: ShiftKV variants run with uniform budgets (the paper's Table 5 ablations and the authors' code).
 #: ``sampling=False`` is not listed: it is LastAttn (tested equal). ``position_stride=1`` puts the

@@ -33,6 +33,7 @@ from mmshiftkv.presses import (
     FullKVPress,
     KeyDiffPress,
     LastAttnPress,
+    LookMPress,
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -52,6 +53,7 @@ PRESSES: dict[str, type[BudgetedPress]] = {
     "expected_attention": ExpectedAttentionPress,
     "last_attn": LastAttnPress,
     "vlcache": VLCachePress,
+    "lookm": LookMPress,
 }
 
 #: Every allocator class by its name; ``"uniform"`` is the paper's default (Tables 1-2).

@@ -49,6 +49,16 @@ def test_overhead_benchmark_ratio_is_scoring_over_prefill() -> None:
     assert result["first_scoring_s"] > 0
 
 
+def test_lookm_benchmark_times_score_and_merge_against_the_prefill() -> None:
+    report = json.loads(run_benchmark("bench_lookm.py", "--lengths", "128", "--repeats", "1"))
+    (result,) = report["results"]
+    assert result["prompt_tokens"] == 128 and result["kept_per_head"] == 64
+    for step in ("score", "merge"):
+        seconds = result[f"{step}_s"]
+        assert seconds > 0
+        assert result[f"{step}_over_prefill"] == pytest.approx(seconds / result["prefill_s"], abs=1e-3)
+
+
 def test_headwise_benchmark_bytes_match_the_formula() -> None:
     args = ["--contexts", "256", "--budget", "16", "--layers", "1", "--steps", "1", "--repeats", "1"]
     report = json.loads(run_benchmark("bench_headwise_decode.py", *args))
@@ -81,7 +91,7 @@ def test_grounding_benchmark_reports_every_run(tmp_path: Path) -> None:
     assert report["full_kv"]["accuracy"] >= 7 / 8
     runs = {(row["allocation"], row["press"]) for row in report["rows"]}
     presses = {"shiftkv", "snapkv", "snapkv(window=8)", "streaming_llm", "keydiff", "expected_attention"}
-    presses |= {"last_attn", "vlcache"}
+    presses |= {"last_attn", "vlcache", "lookm"}
     variants = {name for _, name in runs if name.startswith("shiftkv(")}
     expected = {(allocation, press) for allocation in ("uniform", "sparsemm") for press in presses}
     assert runs == expected | {("uniform", variant) for variant in variants}

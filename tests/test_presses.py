@@ -18,6 +18,7 @@ from mmshiftkv.presses import (
     FullKVPress,
     KeyDiffPress,
     LastAttnPress,
+    LookMPress,
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -37,6 +38,7 @@ def all_presses(budget: int = BUDGET):
         ExpectedAttentionPress(budget=budget),
         LastAttnPress(budget=budget),
         ShiftKVPress(budget=budget, n_proxies=64, n_groups=8),
+        LookMPress(budget=budget),
     ]
 
 
@@ -281,7 +283,8 @@ def test_full_kv_and_large_budgets_generate_exactly_like_no_press(family: str):
     ],
 )
 def test_bad_budgets_raise_clear_errors(kwargs: dict, error: type, match: str):
-    for press_cls in (SnapKVPress, StreamingLLMPress, KeyDiffPress, ExpectedAttentionPress, LastAttnPress):
+    presses = (SnapKVPress, StreamingLLMPress, KeyDiffPress, ExpectedAttentionPress, LastAttnPress)
+    for press_cls in (*presses, LookMPress):
         with pytest.raises(error, match=match):
             press_cls(**kwargs)
 

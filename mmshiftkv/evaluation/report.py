@@ -42,6 +42,7 @@ PRESS_LABELS = {
     "expected_attention": "ExpectedAttn",
     "last_attn": "LastAttn",
     "vlcache": "VL-Cache",
+    "lookm": "LOOK-M",
 }
 #: Allocation names of the paper's Table 3 (uniform allocation is the unnamed default).
 ALLOCATOR_LABELS = {

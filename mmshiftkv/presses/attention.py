@@ -15,6 +15,9 @@ from mmshiftkv.models.adapter import ModelAdapter
 if TYPE_CHECKING:
     from mmshiftkv.presses.base import ScoringState
 
+#: Probabilities of one query block of :func:`attention_column_sums`: 64 MB of float32 temporaries.
+COLUMN_SUM_BLOCK_ELEMENTS = 1 << 24
+
 
 def mean_over_query_groups(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Average the query heads that share a KV head.
@@ -69,18 +72,101 @@ def prompt_query_attention(
     expanded = keys.repeat_interleave(q_heads // kv_heads, dim=1)
     logits = torch.matmul(queries.float(), expanded.float().transpose(-1, -2)) * module.scaling
 
+    rows = None
     if visibility is not None and visibility.shape[1] >= n_queries and visibility.shape[2] == seq_len:
-        visible = visibility[:, -n_queries:, :].to(keys.device)
+        rows = visibility[:, -n_queries:, :]
+    visible = query_visibility(batch, seq_len - n_queries, seq_len, seq_len, key_mask, rows, keys.device)
+    return visible_softmax(logits, visible[:, None]), visible.any(-1)
+
+
+def query_visibility(
+    batch: int,
+    start: int,
+    stop: int,
+    seq_len: int,
+    key_mask: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(batch, stop - start, seq_len)`` bool: the keys prompt queries ``[start, stop)`` may attend to.
+
+    ``rows`` are the model's own visibility rows of those queries (non-causal image attention); None
+    means causal. Padding keys (``key_mask`` False, ``(batch, seq_len)``) are never visible.
+    """
+    if rows is not None:
+        visible = rows.to(device)
     else:
-        query_index = torch.arange(seq_len - n_queries, seq_len, device=keys.device)
-        visible = torch.arange(seq_len, device=keys.device)[None, :] <= query_index[:, None]
+        query_index = torch.arange(start, stop, device=device)
+        visible = torch.arange(seq_len, device=device)[None, :] <= query_index[:, None]
         visible = visible[None].expand(batch, -1, -1)
     if key_mask is not None:
-        visible = visible & key_mask[:, None, :]
-    query_valid = visible.any(-1)
-    logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return probs, query_valid
+        visible = visible & key_mask[:, None, :].to(device)
+    return visible
+
+
+def visible_softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension among the ``visible`` keys; rows that see no key are zero."""
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+
+
+def attention_column_sums(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    key_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """H2O's accumulated attention: the attention every prompt key receives from all prompt queries.
+
+    ``softmax(q k^T * scaling)`` over the keys each query sees (causal, or the model's own 4-D mask
+    ``mask``; padding keys never, padding queries not at all),
+    in float32, summed over the queries and over the query heads of each KV head. Computed in query
+    blocks of at most :data:`COLUMN_SUM_BLOCK_ELEMENTS` probabilities: the ``seq_len x seq_len``
+    matrix is never held.
+
+    Parameters
+    ----------
+    queries : torch.Tensor
+        Rotated prompt queries, ``(batch, q_heads, seq_len, head_dim)``.
+    keys : torch.Tensor
+        Rotated prompt keys, ``(batch, kv_heads, seq_len, head_dim)``; KV head ``h`` serves query heads
+        ``[h * r, (h + 1) * r)``.
+    scaling : float
+        The attention layer's logit scale.
+    key_mask : torch.Tensor, optional
+        ``(batch, seq_len)`` bool, True for real tokens.
+    mask : torch.Tensor, optional
+        The model's own 4-D mask ``(batch or 1, 1, seq_len, seq_len)`` (:attr:`ScoringState.mask`);
+        None means causal.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch, kv_heads, seq_len)`` float32.
+    """
+    batch, kv_heads, seq_len, head_dim = keys.shape
+    group = queries.shape[1] // kv_heads
+    keys_t = keys.float().transpose(-1, -2)[:, :, None]  # (batch, kv_heads, 1, head_dim, seq_len)
+    grouped = queries.reshape(batch, kv_heads, group, seq_len, head_dim)
+    block = max(1, COLUMN_SUM_BLOCK_ELEMENTS // (batch * queries.shape[1] * seq_len))
+    total = torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=keys.device)
+    for start in range(0, seq_len, block):
+        stop = min(seq_len, start + block)
+        rows = None if mask is None else mask_visibility(mask[:, 0, start:stop, :seq_len])
+        visible = query_visibility(batch, start, stop, seq_len, key_mask, rows, keys.device)
+        seen = torch.nonzero(visible.any(1).any(0))
+        if seen.numel() == 0:
+            continue
+        # Causal queries see no key after the block's last one: those columns are skipped.
+        width = int(seen.max()) + 1
+        visible = visible[..., :width]
+        real_query = visible.any(-1)
+        # A padding query (it sees no key) gets a finite row and weight 0 instead of a NaN row.
+        visible = visible | ~real_query[..., None]
+        logits = torch.matmul(grouped[:, :, :, start:stop].float() * scaling, keys_t[..., :width])
+        probs = torch.softmax(logits.masked_fill_(~visible[:, None, None], float("-inf")), dim=-1)
+        total[..., :width] += torch.einsum("bhgqt,bq->bht", probs, real_query.float())
+    return total
 
 
 def last_query_attention(

@@ -226,12 +226,65 @@ class BudgetedPress:
         arguments."""
         layer = cache.layers[layer_idx]
         before = layer.keys.nbytes + layer.values.nbytes
-        indices, lengths = select_kept_indices(scores, counts, self.state.key_mask)
-        reader = self._session.model if self._session is not None else None
-        compressed = CompressedLayer.from_selection(layer.keys, layer.values, indices, lengths, reader=reader)
+        indices, lengths = self.select(scores, counts)
+        compressed = self.kept_layer(layer.keys, layer.values, indices, lengths, scores)
         cache.layers[layer_idx] = compressed
         make_crop_atomic(cache)
         return ordinal, n_tokens, lengths, indices, before, compressed.nbytes
+
+    def select(self, scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept tokens of one layer from its masked scores and counts, ``(indices, lengths)``.
+
+        Default: :func:`~mmshiftkv.presses.selection.select_kept_indices`. A press whose ranking is not
+        one score per token (LOOK-M's priority classes) overrides this, returning the same format.
+        """
+        return select_kept_indices(scores, counts, self.state.key_mask)
+
+    def merge(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        lengths: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Fold the evicted tokens into the kept ones before the layer is stored; None: keep them as cached.
+
+        Parameters
+        ----------
+        keys, values : torch.Tensor
+            The layer's prefill cache, ``(batch, kv_heads, seq_len, head_dim)``.
+        indices, lengths : torch.Tensor
+            The selection of :meth:`select`; the evicted tokens are the other real tokens.
+        scores : torch.Tensor
+            The masked scores, ``(batch, kv_heads, seq_len)``.
+
+        Returns
+        -------
+        tuple of torch.Tensor or None
+            Kept keys and values ``(batch, kv_heads, max_kept, head_dim)``, slot ``k`` of row ``(b, h)``
+            standing for token ``indices[b, h, k]`` (:func:`mmshiftkv.presses.merge.merge_evicted`).
+        """
+        return None
+
+    def kept_layer(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        lengths: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> CompressedLayer:
+        """The :class:`CompressedLayer` holding a selection, merged first when the press merges."""
+        reader = self._session.model if self._session is not None else None
+        merged = self.merge(keys, values, indices, lengths, scores)
+        if merged is None:
+            return CompressedLayer.from_selection(keys, values, indices, lengths, reader=reader)
+        slots = torch.arange(indices.shape[2], device=indices.device).expand_as(indices).contiguous()
+        kept_keys, kept_values = merged
+        return CompressedLayer.from_selection(
+            kept_keys, kept_values, slots, lengths, seq_len=keys.shape[2], reader=reader
+        )
 
     def masked_scores(
         self,

@@ -182,6 +182,8 @@ class PressSession:
             press.post_init_from_model(model)
             hooks.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             decoder = adapter.decoder
+            # First: when the model is its own decoder, the ids must be taken before the decoder's hook.
+            hooks.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             hooks.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True))
             hooks.append(decoder.register_forward_hook(self._decoder_hook, with_kwargs=True))
             hooks.append(
