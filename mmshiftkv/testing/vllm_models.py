@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from mmshiftkv.testing import build_tiny_model
+from mmshiftkv.testing.models import build_tiny_model
 
 #: Families served by the vLLM tests and benchmark.
 SERVABLE_FAMILIES = ("qwen2", "qwen2.5-vl", "qwen2-vl")
