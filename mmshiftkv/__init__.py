@@ -27,6 +27,7 @@ _EXPORTS = {
     "FullKVPress": "mmshiftkv.presses",
     "KeyDiffPress": "mmshiftkv.presses",
     "LastAttnPress": "mmshiftkv.presses",
+    "MixKVPress": "mmshiftkv.presses",
     "PressUsageError": "mmshiftkv.presses",
     "ScoringState": "mmshiftkv.presses",
     "ShiftKVPress": "mmshiftkv.presses",

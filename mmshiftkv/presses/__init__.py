@@ -7,6 +7,7 @@ from mmshiftkv.presses.external_scorer import BudgetPress, ExternalScorerPress
 from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.presses.keydiff import KeyDiffPress
 from mmshiftkv.presses.last_attn import LastAttnPress
+from mmshiftkv.presses.mixkv import MixKVPress
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.presses.shiftkv import ShiftKVPress
 from mmshiftkv.presses.snapkv import SnapKVPress
@@ -23,6 +24,7 @@ __all__ = [
     "FullKVPress",
     "KeyDiffPress",
     "LastAttnPress",
+    "MixKVPress",
     "PressUsageError",
     "ScoringState",
     "ShiftKVPress",
