@@ -41,6 +41,7 @@ PRESS_LABELS = {
     "keydiff": "KeyDiff",
     "expected_attention": "ExpectedAttn",
     "last_attn": "LastAttn",
+    "mixkv": "MixKV",
 }
 #: Allocation names of the paper's Table 3 (uniform allocation is the unnamed default).
 ALLOCATOR_LABELS = {"uniform": "", "pyramid": "PyramidKV", "ada": "AdaKV", "sparsemm": "SparseMM"}
