@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator
 from mmshiftkv.evaluation.calibrate import main as calibrate_main
+from mmshiftkv.evaluation.config import EvalConfig, plan_runs
 from mmshiftkv.evaluation.redundancy import compute_redundancy_scores
 from mmshiftkv.generation import encode_messages, user_turn
 from mmshiftkv.models import get_adapter
@@ -554,3 +555,18 @@ def test_calibration_command_writes_a_redundancy_file_mixkv_reads(tmp_path: Path
     inputs = make_inputs("qwen2.5-vl", processor, [QUESTION])
     prefill(model, inputs, press)
     assert press.stats.kept.eq(8).all()
+
+
+def test_the_eval_command_builds_mixkv_with_its_redundancy_file(tmp_path: Path):
+    path = redundancy_file(tmp_path / "redundancy.json")
+    config = EvalConfig(model="m", presses=("full", "snapkv", "mixkv"), budgets=(16,), redundancy=str(path))
+    runs = {run.press: run for run in plan_runs(config)}
+    press = config.press_for(runs["mixkv"])
+    assert type(press) is MixKVPress and press.mixing == "headwise" and press.budget == 16
+    assert type(config.press_for(runs["snapkv"])) is SnapKVPress
+    assert config.fingerprint({})["redundancy"] == str(path)
+    assert "redundancy" not in EvalConfig(model="m").fingerprint({})  # older output directories resume
+    plain = EvalConfig(model="m", presses=("mixkv",))
+    assert plain.press_for(plan_runs(plain)[0]).mixing == "uniform"
+    with pytest.raises(ValueError, match="read by the 'mixkv' press only"):
+        EvalConfig(model="m", presses=("snapkv",), redundancy=str(path))
