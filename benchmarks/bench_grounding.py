@@ -61,9 +61,10 @@ from mmshiftkv.registry import ALLOCATORS, FULL, PRESSES, make_allocator, make_p
 #: Seed of the SparseMM calibration images (training uses 0, evaluation EVAL_SEED).
 CALIBRATION_SEED = 77
 READ_PROMPT = "Read all items left to right."
-#: Press settings besides the budget, by row label. SnapKV always keeps its observation window, and
-#: the paper's window of 32 is half of these ~62-token prompts: at B <= 32 it would keep the question
-#: and nothing else, so it also runs with a window of 8 (both rows are reported).
+#: Press settings besides the budget, by row label. SnapKV (and MixKV, over SnapKV by default) always
+#: keeps its observation window, and the paper's window of 32 is half of these ~62-token prompts: at
+#: B <= 32 it would keep the question and nothing else, so it also runs with a window of 8 (both rows
+#: are reported). MixKV runs without a redundancy file (its uniform mix), also over ShiftKV.
 PRESS_CONFIGS: dict[str, tuple[str, dict]] = {
     "shiftkv": ("shiftkv", {}),
     "snapkv": ("snapkv", {}),
@@ -74,6 +75,9 @@ PRESS_CONFIGS: dict[str, tuple[str, dict]] = {
     "last_attn": ("last_attn", {}),
     "vlcache": ("vlcache", {}),
     "lookm": ("lookm", {}),
+    "mixkv": ("mixkv", {}),
+    "mixkv(window=8)": ("mixkv", {"window_size": 8}),
+    "mixkv(base=shiftkv, window=8)": ("mixkv", {"base": "shiftkv", "window_size": 8}),
 }
 #: ShiftKV variants run with uniform budgets (the paper's Table 5 ablations and the authors' code).
 #: ``sampling=False`` is not listed: it is LastAttn (tested equal). ``position_stride=1`` puts the

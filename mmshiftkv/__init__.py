@@ -28,6 +28,7 @@ _EXPORTS = {
     "KeyDiffPress": "mmshiftkv.presses",
     "LastAttnPress": "mmshiftkv.presses",
     "LookMPress": "mmshiftkv.presses",
+    "MixKVPress": "mmshiftkv.presses",
     "PressUsageError": "mmshiftkv.presses",
     "ScoringState": "mmshiftkv.presses",
     "ShiftKVPress": "mmshiftkv.presses",

@@ -1,8 +1,8 @@
 """The ``mmshiftkv`` console script: ``mmshiftkv <command> [options]``.
 
 Commands: ``demo`` (every press on one image, known answers), ``eval`` (benchmarks, Tables 1-3), ``analyze``
-(Fig. 1), ``profile`` (Fig. 3), ``calibrate`` (SparseMM head scores). ``mmshiftkv <command> -h``
-lists a command's options.
+(Fig. 1), ``profile`` (Fig. 3), ``calibrate`` (SparseMM head scores, MixKV redundancy).
+``mmshiftkv <command> -h`` lists a command's options.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate presses x allocators x budgets on the paper's benchmarks (Tables 1-3)",
     "analyze": "prefill-vs-decode hidden-state statistics and decode attention coverage (Fig. 1)",
     "profile": "decode ms/token and peak memory vs input length (Fig. 3)",
-    "calibrate": "compute SparseMM visual-head scores for a model",
+    "calibrate": "compute SparseMM visual-head scores (or MixKV redundancy scores) for a model",
 }
 
 

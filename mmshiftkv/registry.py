@@ -9,6 +9,10 @@ one line in :data:`ALLOCATORS`.
 >>> press = make_press("shiftkv", budget=64, allocator=make_allocator("pyramid", window=8))
 >>> make_press("full", budget=64)  # FullKV keeps every token: budget and allocator are ignored
 FullKVPress(compression_ratio=0.0, budget=None, allocator=None)
+
+A wrapper press (MixKV) takes its inner press by name too, with that press's own fields:
+
+>>> mixkv = make_press("mixkv", budget=64, allocator="ada", base="shiftkv", base_fields={"gamma": 5.0})
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from mmshiftkv.presses import (
     KeyDiffPress,
     LastAttnPress,
     LookMPress,
+    MixKVPress,
     ShiftKVPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -54,6 +59,7 @@ PRESSES: dict[str, type[BudgetedPress]] = {
     "last_attn": LastAttnPress,
     "vlcache": VLCachePress,
     "lookm": LookMPress,
+    "mixkv": MixKVPress,
 }
 
 #: Every allocator class by its name; ``"uniform"`` is the paper's default (Tables 1-2).
@@ -134,7 +140,10 @@ def make_press(
         :func:`make_allocator` with its defaults. Default: the press's paper allocator
         (:data:`PAPER_ALLOCATORS`) where it has one, else ``budget`` everywhere.
     **fields
-        Further fields of the press class (``window_size=8``, ``gamma=10.0``, ...).
+        Further fields of the press class (``window_size=8``, ``gamma=10.0``, ...). A press that wraps
+        another (``"mixkv"``: its ``base``) takes it by name, ``base="shiftkv"``, built with the fields
+        in ``base_fields`` and the wrapper's ``window_size`` where the inner press has one (the
+        default: the wrapper's own default inner press).
 
     Raises
     ------
@@ -152,7 +161,22 @@ def make_press(
         allocator = PAPER_ALLOCATORS[name]
     if isinstance(allocator, str):
         allocator = make_allocator(allocator)
+    if isinstance(fields.get("base"), str) or "base_fields" in fields:
+        fields["base"] = _inner_press(name, fields.get("base"), fields.pop("base_fields", None), fields)
     return PRESSES[name](budget=budget, allocator=allocator, **fields)
+
+
+def _inner_press(wrapper: str, base: str | None, base_fields: dict | None, fields: dict) -> BudgetedPress:
+    """The inner press a wrapper press names (it only scores: no budget, no allocator)."""
+    if "base" not in _fields(PRESSES[wrapper]):
+        raise ValueError(f"press {wrapper!r} wraps no other press: base= and base_fields= do not apply")
+    if not isinstance(base, str) or base not in PRESSES or base == FULL:
+        choices = ", ".join(n for n in PRESSES if n not in (FULL, wrapper))
+        raise ValueError(f"{wrapper}: base must name an importance press ({choices}), got {base!r}")
+    inner = dict(base_fields or {})
+    if "window_size" in fields and "window_size" in _fields(PRESSES[base]):
+        inner.setdefault("window_size", fields["window_size"])
+    return PRESSES[base](**inner)
 
 
 def press_name(press: BudgetedPress) -> str:

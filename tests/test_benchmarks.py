@@ -91,7 +91,7 @@ def test_grounding_benchmark_reports_every_run(tmp_path: Path) -> None:
     assert report["full_kv"]["accuracy"] >= 7 / 8
     runs = {(row["allocation"], row["press"]) for row in report["rows"]}
     presses = {"shiftkv", "snapkv", "snapkv(window=8)", "streaming_llm", "keydiff", "expected_attention"}
-    presses |= {"last_attn", "vlcache", "lookm"}
+    presses |= {"last_attn", "vlcache", "lookm", "mixkv", "mixkv(window=8)", "mixkv(base=shiftkv, window=8)"}
     variants = {name for _, name in runs if name.startswith("shiftkv(")}
     expected = {(allocation, press) for allocation in ("uniform", "sparsemm") for press in presses}
     assert runs == expected | {("uniform", variant) for variant in variants}

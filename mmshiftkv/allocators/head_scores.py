@@ -12,13 +12,50 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
 HeadScoreSource = str | os.PathLike | Mapping[str, Sequence[float]]
 
 _KEY = re.compile(r"^(\d+)-(\d+)$")
+
+
+def read_score_mapping(
+    source: HeadScoreSource, in_memory: str, file_label: str, layout: str
+) -> tuple[Mapping, str]:
+    """The mapping held by ``source`` (itself, or the JSON object of the file it names) and its name.
+
+    Shared by the score files of the reference repositories (SparseMM head scores here, MixKV
+    redundancy scores in :mod:`mmshiftkv.presses.redundancy`). ``in_memory`` names a mapping in
+    messages, ``file_label`` a file (followed by its path), ``layout`` the expected content.
+
+    Raises
+    ------
+    ValueError
+        If the file is not JSON or does not hold a JSON object.
+    """
+    if isinstance(source, Mapping):
+        return source, in_memory
+    where = f"{file_label} {os.fspath(source)!r}"
+    with open(source, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where} is not JSON ({error}); it must hold an object of {layout}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must hold a JSON object of {layout}, got {type(raw).__name__}")
+    return raw, where
+
+
+def float_list(where: str, key: object, values: object) -> list[float]:
+    """``values`` as a non-empty list of floats, or a ValueError naming ``where`` and ``key``."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{where}: {key!r} must map to a non-empty list of floats, got {values!r}")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {key!r} must map to a list of floats ({error})") from None
 
 
 def load_head_scores(source: HeadScoreSource) -> dict[str, list[float]]:
@@ -40,33 +77,13 @@ def load_head_scores(source: HeadScoreSource) -> dict[str, list[float]]:
         If a key is not ``"<layer>-<head>"``, a list is empty or holds a negative / non-finite
         value, or the keys do not cover a full ``layers x heads`` grid.
     """
-    if isinstance(source, Mapping):
-        raw, where = source, "head scores"
-    else:
-        where = f"head-score file {os.fspath(source)!r}"
-        with open(source, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(
-                    f'{where} is not JSON ({error}); it must hold an object of "layer-head": [floats]'
-                ) from None
-        if not isinstance(raw, dict):
-            raise ValueError(
-                f'{where} must hold a JSON object of "layer-head": [floats], got {type(raw).__name__}'
-            )
-
+    raw, where = read_score_mapping(source, "head scores", "head-score file", '"layer-head": [floats]')
     parsed: dict[tuple[int, int], list[float]] = {}
     for key, values in raw.items():
         match = _KEY.match(str(key))
         if match is None:
             raise ValueError(f'{where}: key {key!r} is not of the form "<layer>-<head>"')
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
-            raise ValueError(f"{where}: {key!r} must map to a non-empty list of floats, got {values!r}")
-        try:
-            floats = [float(v) for v in values]
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {key!r} must map to a list of floats ({error})") from None
+        floats = float_list(where, key, values)
         bad = [v for v in floats if not (math.isfinite(v) and v >= 0)]
         if bad:
             raise ValueError(f"{where}: {key!r} holds a negative or non-finite score: {bad[0]!r}")
@@ -75,22 +92,31 @@ def load_head_scores(source: HeadScoreSource) -> dict[str, list[float]]:
             raise ValueError(f"{where}: layer {index[0]} head {index[1]} appears twice")
         parsed[index] = floats
 
-    if not parsed:
+    check_full_grid(where, parsed)
+    return {f"{layer}-{head}": parsed[layer, head] for layer, head in sorted(parsed)}
+
+
+def check_full_grid(where: str, indices: Collection[tuple[int, int]], suffix: str = "") -> None:
+    """Raise a ValueError naming ``where`` unless the ``(layer, head)`` indices fill a full grid.
+
+    The grid is ``1 + max layer`` by ``1 + max head``; missing entries are named as their keys,
+    ``"<layer>-<head>"`` followed by ``suffix``.
+    """
+    if not indices:
         raise ValueError(f"{where} is empty")
-    n_layers = 1 + max(layer for layer, _ in parsed)
-    n_heads = 1 + max(head for _, head in parsed)
+    n_layers = 1 + max(layer for layer, _ in indices)
+    n_heads = 1 + max(head for _, head in indices)
     missing = [
-        f"{layer}-{head}"
+        f"{layer}-{head}{suffix}"
         for layer in range(n_layers)
         for head in range(n_heads)
-        if (layer, head) not in parsed
+        if (layer, head) not in indices
     ]
     if missing:
         raise ValueError(
             f"{where} does not cover a full {n_layers} layers x {n_heads} heads grid: "
             f"{len(missing)} missing, e.g. {missing[:3]}"
         )
-    return {f"{layer}-{head}": parsed[layer, head] for layer, head in sorted(parsed)}
 
 
 def head_score_table(scores: Mapping[str, Sequence[float]]) -> torch.Tensor:

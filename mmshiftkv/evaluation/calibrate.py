@@ -1,5 +1,8 @@
 """Visual-head scores for SparseMM, computed for any supported VLM from OCR-style images.
 
+(``mmshiftkv calibrate MODEL OUT.json --scores redundancy`` computes MixKV's redundancy scores on the
+same images instead: :mod:`mmshiftkv.evaluation.redundancy`.)
+
 The SparseMM procedure (Wang et al., 2025; reference ``visual_head/qwen_visual_head.py``): show
 the model an image of rendered text chunks with known boxes, ask for the OCR, and decode
 greedily. For every generated token whose text occurs in exactly one chunk, each (layer, query
@@ -34,6 +37,7 @@ from torch import nn
 
 from mmshiftkv.allocators.head_scores import save_head_scores
 from mmshiftkv.cache.compat import cache_argument, returned_cache
+from mmshiftkv.evaluation.redundancy import compute_redundancy_scores
 from mmshiftkv.generation import EvalSetupError, encode_messages, load_model, user_turn
 from mmshiftkv.models.adapter import get_adapter
 
@@ -330,13 +334,21 @@ def _score_sample(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: compute a head-score file for a local model directory."""
+    """Command line: compute a head-score (or redundancy) file for a local model directory."""
     parser = argparse.ArgumentParser(
         prog="mmshiftkv calibrate",
-        description="Compute SparseMM visual-head scores on synthetic OCR images and write them as JSON.",
+        description="Compute SparseMM visual-head scores (or MixKV redundancy scores) on synthetic OCR "
+        "images and write them as JSON.",
     )
     parser.add_argument("model", help="local model directory (or hub id when online)")
     parser.add_argument("output", help="JSON file to write")
+    parser.add_argument(
+        "--scores",
+        choices=("visual-heads", "redundancy"),
+        default="visual-heads",
+        help="visual-heads: SparseMM head scores (SparseMMAllocator); redundancy: MixKV's per-(layer, "
+        "KV head) key/value redundancy (MixKVPress(redundancy=...)); --max-new-tokens does not apply",
+    )
     parser.add_argument("--n-images", type=int, default=100)
     parser.add_argument("--words-per-image", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -351,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     samples = synthetic_ocr_samples(args.n_images, args.words_per_image, seed=args.seed)
+    if args.scores == "redundancy":
+        conversations = [user_turn(OCR_PROMPT, image=sample.image) for sample in samples]
+        compute_redundancy_scores(model, processor, conversations, path=args.output)
+        return 0
     compute_visual_head_scores(
         model, processor, samples, max_new_tokens=args.max_new_tokens, path=args.output
     )

@@ -72,6 +72,11 @@ def eval_parser() -> argparse.ArgumentParser:
         "--allocators", type=_names, default="uniform", help=f"comma list of {', '.join(ALLOCATORS)}"
     )
     parser.add_argument("--head-scores", default=None, help="SparseMM head-score JSON (mmshiftkv calibrate)")
+    parser.add_argument(
+        "--redundancy",
+        default=None,
+        help="MixKV redundancy JSON (mmshiftkv calibrate --scores redundancy): mixkv mixes head-wise",
+    )
     parser.add_argument("--allocator-window", type=int, default=None, help="window of pyramid/ada/sparsemm")
     parser.add_argument(
         "--tasks", type=_names, default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}"
@@ -137,6 +142,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             dataset_configs=_task_values(args.dataset_config, "--dataset-config", parser),
             mmmu_open_scoring=args.mmmu_open_scoring,
             head_scores=args.head_scores,
+            redundancy=args.redundancy,
             allocator_window=args.allocator_window,
             dtype=args.dtype,
             device_map=args.device_map,

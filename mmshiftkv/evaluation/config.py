@@ -20,6 +20,9 @@ from mmshiftkv.generation import DTYPES, EvalSetupError, first_line
 from mmshiftkv.presses import BudgetedPress
 from mmshiftkv.registry import ALLOCATORS, FULL, PRESSES, make_allocator, make_press
 
+#: The press that reads the ``redundancy`` file.
+MIXKV = "mixkv"
+
 
 def _positive_int(value: Any, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -64,6 +67,9 @@ class EvalConfig:
         ``"official"`` or ``"lmms-eval"`` (see :class:`~mmshiftkv.evaluation.tasks.MMMUTask`).
     head_scores : str, optional
         SparseMM head-score JSON file (``mmshiftkv calibrate`` writes one).
+    redundancy : str, optional
+        MixKV redundancy JSON file (``mmshiftkv calibrate --scores redundancy`` writes one): the
+        ``"mixkv"`` press then mixes head-wise (without it, its uniform mix).
     allocator_window : int, optional
         Recent-token window of the pyramid/ada/sparsemm allocators (their default, 32, if None).
     dtype, device_map, attn_implementation : str or None
@@ -92,6 +98,7 @@ class EvalConfig:
     dataset_configs: dict[str, str | None] = field(default_factory=dict)
     mmmu_open_scoring: str = "official"
     head_scores: str | None = None
+    redundancy: str | None = None
     allocator_window: int | None = None
     dtype: str = "auto"
     device_map: str | None = None
@@ -122,6 +129,10 @@ class EvalConfig:
             raise ValueError("budgets must not be empty when a press other than 'full' is evaluated")
         if "sparsemm" in self.allocators and self.head_scores is None:
             raise ValueError("the sparsemm allocator needs head_scores (--head-scores file.json)")
+        if self.redundancy is not None and MIXKV not in self.presses:
+            raise ValueError(
+                f"redundancy (--redundancy) is read by the {MIXKV!r} press only: add {MIXKV!r} to presses"
+            )
         for name in ("dataset_ids", "dataset_configs"):
             unknown = [t for t in getattr(self, name) if t not in TASKS]
             if unknown:
@@ -163,7 +174,8 @@ class EvalConfig:
             allocator = make_allocator(
                 run.allocator, head_scores=self.head_scores, window=self.allocator_window
             )
-        return make_press(run.press, budget=run.budget, allocator=allocator)
+        fields = {"redundancy": self.redundancy} if run.press == MIXKV and self.redundancy is not None else {}
+        return make_press(run.press, budget=run.budget, allocator=allocator, **fields)
 
     def fingerprint(self, tasks: Mapping[str, TaskSpec]) -> dict[str, Any]:
         """What the stored predictions depend on; a resumed run must match it.
@@ -178,6 +190,8 @@ class EvalConfig:
             "attn_implementation": self.attn_implementation,
             "seed": self.seed,
             "head_scores": self.head_scores,
+            # Only when given: output directories written before the option resume as before.
+            **({"redundancy": self.redundancy} if self.redundancy is not None else {}),
             "allocator_window": self.allocator_window,
             "tasks": {
                 name: {"class": type(task).__name__, **dataclasses.asdict(task)}

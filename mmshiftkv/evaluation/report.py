@@ -43,6 +43,7 @@ PRESS_LABELS = {
     "last_attn": "LastAttn",
     "vlcache": "VL-Cache",
     "lookm": "LOOK-M",
+    "mixkv": "MixKV",
 }
 #: Allocation names of the paper's Table 3 (uniform allocation is the unnamed default).
 ALLOCATOR_LABELS = {

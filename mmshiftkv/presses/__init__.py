@@ -8,6 +8,7 @@ from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.presses.keydiff import KeyDiffPress
 from mmshiftkv.presses.last_attn import LastAttnPress
 from mmshiftkv.presses.lookm import LookMPress
+from mmshiftkv.presses.mixkv import MixKVPress
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.presses.shiftkv import ShiftKVPress
 from mmshiftkv.presses.snapkv import SnapKVPress
@@ -26,6 +27,7 @@ __all__ = [
     "KeyDiffPress",
     "LastAttnPress",
     "LookMPress",
+    "MixKVPress",
     "PressUsageError",
     "ScoringState",
     "ShiftKVPress",
