@@ -1,6 +1,6 @@
 """Requests/s and KV blocks of a vLLM engine with and without a press, at the same fixed KV memory.
 
-Two engines on the same tiny model (:func:`mmshiftkv.vllm.tiny.save_servable_tiny_model`) get the
+Two engines on the same tiny model (:func:`mmshiftkv.testing.vllm_models.save_servable_tiny_model`) get the
 same KV pool (``--blocks`` blocks of ``--block-size`` tokens) and the same workload: ``--requests``
 prompts of ``--prompt-len`` random tokens, ``--max-tokens`` greedy tokens each, submitted at once.
 One engine serves them as they are, the other with the press at ``--budget`` tokens per KV head,
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("TRANSFORMERS_OFFLINE", "1"),
     ):
         os.environ.setdefault(name, value)
-    from mmshiftkv.vllm.tiny import save_servable_tiny_model
+    from mmshiftkv.testing.vllm_models import save_servable_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(save_servable_tiny_model(args.family, os.path.join(tmp, args.family), seed=args.seed))

@@ -17,7 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Folder of a saved tiny servable model per family, built once per session."""
-    from mmshiftkv.vllm.tiny import save_servable_tiny_model
+    from mmshiftkv.testing.vllm_models import save_servable_tiny_model
 
     root = tmp_path_factory.mktemp("vllm-models")
     cache: dict[str, str] = {}

@@ -27,7 +27,7 @@ def engine(model_dir: str, press: str | None, **options):
     settings.update(options)
     if press is not None:
         settings["additional_config"] = {
-            "mmshiftkv": {"press": press, "budget": BUDGET, "record_selection": True}
+            "mmshiftkv": {"press": press, "budget": BUDGET, "record_selection": True, "record_blocks": True}
         }
     llm = LLM(model_dir, **settings)
     try:

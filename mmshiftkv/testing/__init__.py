@@ -1,0 +1,1 @@
+"""Test utilities: tiny offline models (built from configs, nothing downloaded) and their inputs."""
