@@ -190,11 +190,6 @@ def check_engine_config(vllm_config: Any) -> None:
             "over several ranks, so the scheduler's and the workers' block sizes differ "
             "(pass decode_context_parallel_size=1)"
         )
-    if parallel.prefill_context_parallel_size > 1:
-        problems.append(
-            f"prefill_context_parallel_size={parallel.prefill_context_parallel_size} prefills each rank's "
-            "part of a prompt, so no rank can score the whole prompt (pass prefill_context_parallel_size=1)"
-        )
     kv_heads = vllm_config.model_config.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > kv_heads:
         problems.append(
