@@ -47,13 +47,13 @@ def build_servable_tiny_model(
     text = config.get_text_config(decoder=True)
     text.hidden_size = HIDDEN_SIZE
     text.head_dim = HIDDEN_SIZE // text.num_attention_heads
-    vision = getattr(config, "vision_config", None)
-    if vision is not None and hasattr(vision, "out_hidden_size"):
+    if family.startswith("qwen"):
         # The Qwen-VL mergers write straight into the decoder's embedding space (LLaVA's projector
         # reads the decoder width from the text config).
-        vision.out_hidden_size = HIDDEN_SIZE
         if family == "qwen2-vl":
-            vision.hidden_size = HIDDEN_SIZE
+            config.vision_config.hidden_size = HIDDEN_SIZE
+        elif family in ("qwen2.5-vl", "qwen3-vl"):
+            config.vision_config.out_hidden_size = HIDDEN_SIZE
     section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
     if section is not None:
         scale = (HEAD_DIM // 2) // sum(section)

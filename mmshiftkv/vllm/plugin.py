@@ -173,12 +173,16 @@ def _patch_model_runner() -> None:
 
     @functools.wraps(execute)
     def execute_model(self, *args, **kwargs):
-        try:
+        compactor = getattr(self, "mmshiftkv_compactor", None)
+        if compactor is None:
             return execute(self, *args, **kwargs)
-        finally:
-            compactor = getattr(self, "mmshiftkv_compactor", None)
-            if compactor is not None:
-                compactor.finish_step()
+        try:
+            result = execute(self, *args, **kwargs)
+        except BaseException:
+            compactor.abandon_step()
+            raise
+        compactor.finish_step()
+        return result
 
     @functools.wraps(sample)
     def sample_tokens(self, *args, **kwargs):

@@ -26,3 +26,7 @@ class RecentRecords(OrderedDict, Generic[K, V]):
         super().__setitem__(key, value)
         if len(self) > self.limit:
             self.popitem(last=False)
+
+    def __reduce__(self):
+        # Picklable (vLLM sends worker results across processes): rebuilt with its limit, then its items.
+        return type(self), (self.limit,), None, None, iter(self.items())

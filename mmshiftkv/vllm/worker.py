@@ -290,6 +290,10 @@ class Compactor:
         for item in self.plan:
             self._trims.append((item.req_id, -(-item.physical_len // self.block_size)))
             self.shifts[item.req_id] = item.shift
+        self.abandon_step()
+
+    def abandon_step(self) -> None:
+        """Forget the step's plan and per-layer state (after the forward, or when it raised)."""
         self.plan = []
         self._inputs.clear()
         self._nan = []

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from contextlib import contextmanager
+
+import torch
+
+from mmshiftkv.presses import PRESSES
 
 BUDGET = 16
 BLOCK_SIZE = 32
@@ -52,3 +57,24 @@ def history_of(llm) -> dict[str, list]:
     """Per request (id as ``generate`` returns it), its block records from the KV manager."""
     ledger = scheduler_of(llm).mmshiftkv_ledger
     return {req_id.split("-")[0]: records for req_id, records in ledger.history.items()}
+
+
+def transformers_generate(model, inputs: dict, press_name: str | None, max_new_tokens: int):
+    """The library's own path (the oracle): greedy tokens and, under a press, its statistics."""
+    prompt_len = inputs["input_ids"].shape[1]
+    if press_name is None:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, prompt_len:].tolist(), None
+    press = PRESSES[press_name](budget=BUDGET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short prompts warn that they stay uncompressed
+        with press(model):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, prompt_len:].tolist(), press.stats
+
+
+def assert_kept_as_transformers(kept_per_layer: dict[int, torch.Tensor], stats, label) -> None:
+    """The worker's kept indices per layer equal transformers' (the first :data:`BUDGET` per head)."""
+    assert len(kept_per_layer) == len(stats.indices), label
+    for layer, kept in kept_per_layer.items():
+        assert torch.equal(kept, stats.indices[layer][0, :, :BUDGET]), (label, layer)
