@@ -15,8 +15,11 @@ BLOCK_SIZE = 32
 
 
 @contextmanager
-def engine(model_dir: str, press: str | None, **options):
-    """A vLLM engine on ``model_dir`` with ``press`` (None: no press) at :data:`BUDGET`, closed on exit."""
+def engine(model_dir: str, press: str | None, records: dict | None = None, **options):
+    """A vLLM engine on ``model_dir`` with ``press`` (None: no press) at :data:`BUDGET`, closed on exit.
+
+    The press records kept indices and blocks, unless ``records`` sets other record options.
+    """
     from vllm import LLM
 
     settings = dict(
@@ -31,9 +34,8 @@ def engine(model_dir: str, press: str | None, **options):
     )
     settings.update(options)
     if press is not None:
-        settings["additional_config"] = {
-            "mmshiftkv": {"press": press, "budget": BUDGET, "record_selection": True, "record_blocks": True}
-        }
+        section = {"press": press, "budget": BUDGET, "record_selection": True, "record_blocks": True}
+        settings["additional_config"] = {"mmshiftkv": {**section, **(records or {})}}
     llm = LLM(model_dir, **settings)
     try:
         yield llm
