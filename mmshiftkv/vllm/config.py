@@ -82,8 +82,8 @@ class VLLMPressConfig:
         refused = sorted({"budget", "compression_ratio", "allocator"} & set(self.press_kwargs))
         if refused:
             raise EngineConfigError(
-                f"mmshiftkv.vllm: press_kwargs may not set {', '.join(refused)}: the vLLM plugin serves "
-                "uniform absolute budgets only (give `budget`)"
+                f"mmshiftkv.vllm: press_kwargs may not set {', '.join(refused)}: "
+                "the vLLM plugin serves uniform absolute budgets only (give `budget`)"
             )
         for name in ("record_selection", "record_blocks"):
             if not isinstance(getattr(self, name), bool):
@@ -109,8 +109,8 @@ class VLLMPressConfig:
         section = additional[CONFIG_KEY]
         if not isinstance(section, dict):
             raise EngineConfigError(
-                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] must be a dict such as "
-                f"{{'press': 'shiftkv', 'budget': 64}}, got {section!r}"
+                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] must be a dict, "
+                f"such as {{'press': 'shiftkv', 'budget': 64}}; got {section!r}"
             )
         unknown = sorted(set(section) - set(SECTION_KEYS))
         if unknown:
@@ -140,42 +140,46 @@ def check_engine_config(vllm_config: Any) -> None:
     problems = []
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append(
-            "prefix caching is on: a compressed request's blocks no longer hold the tokens their hashes "
-            "name, so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
+            "prefix caching is on: "
+            "a compressed request's blocks no longer hold the tokens their hashes name, "
+            "so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
         )
     scheduler = vllm_config.scheduler_config
     if scheduler.enable_chunked_prefill:
         problems.append(
-            "chunked prefill is on: a press scores the whole prompt in one step (pass "
-            "enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
+            "chunked prefill is on: a press scores the whole prompt in one step "
+            "(pass enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
         )
     if scheduler.long_prefill_token_threshold > 0:
         problems.append(
-            f"long_prefill_token_threshold={scheduler.long_prefill_token_threshold} splits long prompts "
-            "over several steps, and a press scores a whole prompt in one step "
+            f"long_prefill_token_threshold={scheduler.long_prefill_token_threshold}: "
+            "long prompts are prefilled over several steps, and a press scores a whole prompt in one step "
             "(pass long_prefill_token_threshold=0)"
         )
     if getattr(scheduler, "async_scheduling", False):
         problems.append(
-            "async scheduling is on: the plugin frees a compacted request's blocks when its step's "
-            "output arrives (pass async_scheduling=False)"
+            "async scheduling is on: "
+            "the plugin frees a compacted request's blocks when its step's output arrives "
+            "(pass async_scheduling=False)"
         )
     compilation = vllm_config.compilation_config
     if compilation.mode != CompilationMode.NONE:
         problems.append(
-            "torch.compile is on: the press reads each layer's attention input from Python hooks, which "
-            "compiled graphs skip (pass enforce_eager=True)"
+            "torch.compile is on: "
+            "the press reads each layer's attention input from Python hooks, which compiled graphs skip "
+            "(pass enforce_eager=True)"
         )
     if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
         problems.append(
-            f"cudagraph_mode is {compilation.cudagraph_mode.name}: replayed CUDA graphs skip the press's "
-            "Python hooks while the scheduler still frees the blocks (pass enforce_eager=True, or "
-            "compilation_config={'cudagraph_mode': 'NONE'})"
+            f"cudagraph_mode is {compilation.cudagraph_mode.name}: "
+            "replayed CUDA graphs skip the press's Python hooks while the scheduler still frees the blocks "
+            "(pass enforce_eager=True, or compilation_config={'cudagraph_mode': 'NONE'})"
         )
     if envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
         problems.append(
-            "VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures CUDA graphs without torch.compile, and replayed "
-            "graphs skip the press's Python hooks (unset it or set VLLM_USE_BREAKABLE_CUDAGRAPH=0)"
+            "VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures CUDA graphs without torch.compile, "
+            "and replayed graphs skip the press's Python hooks "
+            "(unset it or set VLLM_USE_BREAKABLE_CUDAGRAPH=0)"
         )
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
@@ -186,16 +190,17 @@ def check_engine_config(vllm_config: Any) -> None:
         )
     if parallel.decode_context_parallel_size > 1:
         problems.append(
-            f"decode_context_parallel_size={parallel.decode_context_parallel_size} spreads a request's KV "
-            "over several ranks, so the scheduler's and the workers' block sizes differ "
-            "(pass decode_context_parallel_size=1)"
+            f"decode_context_parallel_size={parallel.decode_context_parallel_size}: "
+            "a request's KV is spread over several ranks, so the scheduler's and the workers' block sizes "
+            "differ (pass decode_context_parallel_size=1)"
         )
     kv_heads = vllm_config.model_config.get_total_num_kv_heads()
     if parallel.tensor_parallel_size > kv_heads:
         problems.append(
             f"tensor_parallel_size={parallel.tensor_parallel_size} exceeds the model's {kv_heads} KV heads: "
-            "vLLM then copies each KV head to several ranks, and each copy would be scored with only its "
-            f"rank's share of the head's queries (pass tensor_parallel_size <= {kv_heads})"
+            "vLLM then copies each KV head to several ranks, "
+            "and each copy would be scored with only its rank's share of the head's queries "
+            f"(pass tensor_parallel_size <= {kv_heads})"
         )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is on (its draft tokens would be scored as prompt)")
@@ -205,8 +210,9 @@ def check_engine_config(vllm_config: Any) -> None:
         )
     if vllm_config.use_v2_model_runner:
         problems.append(
-            "the V2 model runner is selected: the plugin patches the V1 runner (GPUModelRunner / "
-            "CPUModelRunner); set the environment variable VLLM_USE_V2_MODEL_RUNNER=0"
+            "the V2 model runner is selected: "
+            "the plugin patches the V1 runner (GPUModelRunner, CPUModelRunner); "
+            "set the environment variable VLLM_USE_V2_MODEL_RUNNER=0"
         )
     if problems:
         raise EngineConfigError(

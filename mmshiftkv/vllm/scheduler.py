@@ -165,8 +165,8 @@ class BlockLedger:
                 # refuse every setting that splits one, so this is a scheduler change the plugin does
                 # not know: the request fails rather than run uncompressed.
                 self._cut[req_id] = (
-                    f"the scheduler prefilled {n} of its {prompt_len} prompt tokens in one step, and a press "
-                    "compresses only a prompt prefilled whole"
+                    f"the scheduler prefilled {n} of its {prompt_len} prompt tokens in one step, "
+                    "and a press compresses only a prompt prefilled whole"
                 )
 
     def step_finished(self) -> None:
@@ -197,8 +197,8 @@ class BlockLedger:
         for request in requests:
             request.stop_reason = f"mmshiftkv: {failures[request.request_id]}"
             logger.error(
-                "mmshiftkv.vllm: request %s failed (%s); it is finished with an error, the other requests "
-                "continue",
+                "mmshiftkv.vllm: request %s failed (%s); "
+                "it is finished with an error, the other requests continue",
                 request.request_id,
                 failures[request.request_id],
             )

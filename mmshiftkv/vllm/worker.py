@@ -12,12 +12,20 @@ From then on the request has two lengths. Its *logical* length (the scheduler's
 ``prompt_len + i`` (M-RoPE: vLLM's ``mrope_position_delta`` applies as usual). Its *physical*
 length, ``shift`` tokens shorter, gives the slots new keys are written to and the sequence length
 the attention kernel reads. :meth:`Compactor.prepare` applies the shift to the runner's slot
-mapping and sequence lengths after vLLM prepared them; the emptied blocks leave the worker's block
-table here and the scheduler's KV manager in :mod:`mmshiftkv.vllm.scheduler`, which applies the
-same rule (both sides know the physical length: ``min(prompt_len, budget)``).
+mapping and sequence lengths after vLLM prepared them (one vectorised update per step); the
+emptied blocks leave the worker's block table before the next step fills it
+(:meth:`Compactor.trim_block_table`) and the scheduler's KV manager in
+:mod:`mmshiftkv.vllm.scheduler`, which applies the same rule (both sides know the physical
+length: ``min(prompt_len, budget)``).
 
 The writes go through the attention backend's own ``do_kv_cache_update``, so the block layout
 (which differs by backend and CPU ISA) is never assumed.
+
+On GPUs (untested here: no GPU backend runs on this project's CPU machines) the design avoids
+three hazards: the pinned block table is never written while the step's copy of it to the device
+may be pending, the shifts cost one host-to-device copy and a few batched kernels per step rather
+than kernels per request, and NaN scores are accumulated on the device and read once per step,
+after sampling, instead of synchronising per layer.
 """
 
 from __future__ import annotations
@@ -76,12 +84,6 @@ class PromptCompaction:
 def compacts(num_computed: int, n_scheduled: int, prompt_len: int, budget: int) -> bool:
     """The rule scheduler and workers share: this step prefills a whole prompt longer than the budget."""
     return num_computed == 0 and n_scheduled >= prompt_len > budget
-
-
-def physical_blocks(prompt_len: int, n_tokens: int, budget: int, block_size: int) -> int:
-    """Blocks a request holds for ``n_tokens`` logical tokens once its prompt is compacted."""
-    physical = n_tokens - max(prompt_len - budget, 0)
-    return -(-physical // block_size)
 
 
 @dataclass
@@ -171,8 +173,8 @@ class Compactor:
         table_block_size = runner.input_batch.block_table.block_tables[0].block_size
         if table_block_size != block_size:
             raise EngineConfigError(
-                f"mmshiftkv.vllm: the attention kernel's block size ({table_block_size}) differs from the "
-                f"KV manager's ({block_size}); pass block_size={table_block_size}"
+                f"mmshiftkv.vllm: the attention kernel's block size ({table_block_size}) "
+                f"differs from the KV manager's ({block_size}); pass block_size={table_block_size}"
             )
         decoder_layers = [
             m
@@ -192,8 +194,8 @@ class Compactor:
             if missing:
                 raise EngineConfigError(
                     f"mmshiftkv.vllm cannot score {type(module).__name__}: it has no {', '.join(missing)} "
-                    "(supported: decoders with a fused qkv_proj and a rotary embedding, e.g. Llama, Qwen2, "
-                    "Qwen3, Qwen2-VL, Qwen3-VL)"
+                    "(supported: decoders with a fused qkv_proj and a rotary embedding, "
+                    "e.g. Llama, Qwen2, Qwen3, Qwen2-VL, Qwen3-VL)"
                 )
             if attn.sliding_window is not None:
                 raise EngineConfigError(
@@ -204,8 +206,9 @@ class Compactor:
             )
         if not views or len(views) != len(decoder_layers):
             raise EngineConfigError(
-                f"mmshiftkv.vllm found {len(views)} scorable attention modules for {len(decoder_layers)} "
-                "decoder attention layers; this model's structure is not supported"
+                f"mmshiftkv.vllm found {len(views)} scorable attention modules "
+                f"for {len(decoder_layers)} decoder attention layers; "
+                "this model's structure is not supported"
             )
         first = next(iter(views))
         adapter = VLLMAdapter(
