@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(),
+            "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
             "load_average_before": load_before,
             "load_average_after": load_average(),
         },
