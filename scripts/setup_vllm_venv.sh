@@ -83,8 +83,7 @@ fi
 # The library itself, from this checkout. Not `pip install -e .`: that would compile mmshiftkv._C
 # in place against this venv's torch and overwrite the main venv's build. Instead the checkout goes
 # on sys.path (a .pth file, as an editable install does) with a dist-info carrying the package's
-# entry points from pyproject.toml, so vLLM finds the `vllm.general_plugins` entry. Without the
-# compiled op the ShiftKV press scores with its torch backend.
+# entry points from pyproject.toml, so vLLM finds the `vllm.general_plugins` entry.
 "$venv/bin/python" - "$repo" <<'PY'
 import shutil
 import sys
@@ -113,3 +112,8 @@ for group, entries in groups.items():
 (dist / "RECORD").write_text("")
 print(f"registered the checkout {repo} in {site}")
 PY
+
+# The compiled ShiftKV op for this venv's torch: the checkout's in-tree build is for the main venv's
+# torch and does not load here. Built once into the op cache (keyed by torch build and sources, see
+# mmshiftkv/ops/compiled.py), so the tests never compile; a no-op when a build for it is there.
+"$venv/bin/python" -m mmshiftkv.ops.build

@@ -1,25 +1,103 @@
-"""Loading of the compiled extension ``mmshiftkv._C`` and the call into ``torch.ops.mmshiftkv``."""
+"""Loading of the compiled extension ``mmshiftkv._C`` and the call into ``torch.ops.mmshiftkv``.
+
+The extension is the in-tree build (``pip install -e .``) when it loads into the running torch,
+else the build for this torch in the op cache (made by ``python -m mmshiftkv.ops.build``), else
+none: then :data:`LOAD_ERROR` says why and the ShiftKV press scores with the torch reference.
+
+The op cache holds one folder per build key: the torch build, the kernels built (CPU, or CPU +
+CUDA), the Python ABI and a hash of ``setup.py`` and ``csrc/``, so an edited source or another
+torch never loads a stale build. Its root is ``$MMSHIFTKV_OP_CACHE``, else
+``$XDG_CACHE_HOME/mmshiftkv/ops``, else ``~/.cache/mmshiftkv/ops``. A build includes the CUDA
+kernel when this torch is a CUDA build and sees a GPU, unless ``FORCE_CUDA`` says otherwise
+(``0``: CPU only; ``1``: CUDA required, as for ``setup.py``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 
 BUILD_HINT = (
-    "build it with `pip install --no-build-isolation -e .` (or `make build`) from the repository root"
+    "build it with `pip install --no-build-isolation -e .` (or `make build`) from the repository root, "
+    "or, for another environment's torch, with `python -m mmshiftkv.ops.build` in that environment"
 )
 
 
-def _load() -> tuple[object | None, str | None]:
+#: The checkout holding ``setup.py`` and ``csrc/`` (an installed wheel has neither, and its own build).
+REPO = Path(__file__).resolve().parents[2]
+SETUP = REPO / "setup.py"
+SOURCES = REPO / "csrc"
+#: File name of the extension for this Python (``_C.cpython-311-x86_64-linux-gnu.so``).
+EXTENSION = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def cache_root() -> Path:
+    """Folder holding one sub-folder per build key."""
+    if os.environ.get("MMSHIFTKV_OP_CACHE"):
+        return Path(os.environ["MMSHIFTKV_OP_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mmshiftkv" / "ops"
+
+
+def builds_cuda() -> bool:
+    """Whether a build for this torch includes the CUDA kernel (``FORCE_CUDA``, else a visible GPU)."""
+    force = os.environ.get("FORCE_CUDA")
+    if force in ("0", "1"):
+        return force == "1"
+    return torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def build_key() -> str | None:
+    """Name of this torch's build in the cache, or None without sources to build from."""
+    if not SETUP.is_file() or not SOURCES.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in [SETUP, *sorted(SOURCES.iterdir())]:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    kernels = f"cuda{torch.version.cuda}" if builds_cuda() else "cpu"
+    return f"torch{torch.__version__}-{kernels}-{sys.implementation.cache_tag}-{digest.hexdigest()[:16]}"
+
+
+def cached_extension() -> Path | None:
+    """The cached build for this torch and these sources, if it exists."""
+    key = build_key()
+    if key is None:
+        return None
+    path = cache_root() / key / EXTENSION
+    return path if path.is_file() else None
+
+
+def _load() -> tuple[object | None, str | None, str | None]:
     try:
         module = importlib.import_module("mmshiftkv._C")
     except (ImportError, OSError) as error:  # not built, or built against another torch
-        return None, f"{type(error).__name__}: {error}"
-    return module, None
+        in_tree = f"{type(error).__name__}: {error}"
+    else:
+        return module, module.__file__, None
+    path = cached_extension()
+    if path is None:
+        return None, None, f"{in_tree}; the op cache has no build for torch {torch.__version__}"
+    spec = importlib.util.spec_from_file_location("mmshiftkv._C", path)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as error:
+        cached = f"{type(error).__name__}: {error}"
+        return None, None, f"{in_tree}; the cached build {path} does not load either ({cached})"
+    sys.modules["mmshiftkv._C"] = module
+    return module, str(path), None
 
 
-_EXTENSION, LOAD_ERROR = _load()
+#: The extension module (None when none loads), the file it was loaded from, and why none loads.
+_EXTENSION, EXTENSION_FILE, LOAD_ERROR = _load()
 
 
 if _EXTENSION is not None:

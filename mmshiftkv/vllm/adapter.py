@@ -123,10 +123,15 @@ class VLLMAdapter:
         flat_positions = positions[:, 0] if positions.dim() == 3 else positions[0]
         cos, sin = rotary.cos_sin_cache.to(like.device, like.dtype)[flat_positions].chunk(2, dim=-1)
         if flat_positions.dim() == 2:
-            if getattr(rotary, "mrope_interleaved", False):
-                raise ValueError("VLLMAdapter.rotary_cos_sin: interleaved M-RoPE is not supported")
-            # Each feature block takes the position of its own axis (temporal, height, width).
             section = rotary.mrope_section
-            cos = torch.cat([part[i] for i, part in enumerate(cos.split(section, dim=-1))], dim=-1)
-            sin = torch.cat([part[i] for i, part in enumerate(sin.split(section, dim=-1))], dim=-1)
+            if getattr(rotary, "mrope_interleaved", False):
+                # Qwen3-VL: the frequencies cycle through the axes (T, H, W, T, H, W, ...), as vLLM's own
+                # forward lays them out.
+                from vllm.model_executor.layers.rotary_embedding.mrope import apply_interleaved_rope
+
+                cos, sin = apply_interleaved_rope(cos, section), apply_interleaved_rope(sin, section)
+            else:
+                # Each feature block takes the position of its own axis (temporal, height, width).
+                cos = torch.cat([part[i] for i, part in enumerate(cos.split(section, dim=-1))], dim=-1)
+                sin = torch.cat([part[i] for i, part in enumerate(sin.split(section, dim=-1))], dim=-1)
         return torch.cat([cos, cos], dim=-1)[None], torch.cat([sin, sin], dim=-1)[None]

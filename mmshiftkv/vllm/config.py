@@ -25,6 +25,21 @@ CONFIG_KEY = "mmshiftkv"
 #: RoPE and its cos/sin at any position, future positions); FullKV compresses nothing.
 VLLM_PRESSES = ("shiftkv", "snapkv", "streaming_llm", "keydiff", "last_attn", "expected_attention")
 
+#: Registered presses the plugin does not serve, and why (a user asking for one is told the reason).
+UNSERVED_PRESSES = {
+    "full": "FullKV compresses nothing: run the engine without the mmshiftkv section",
+    "lookm": "LOOK-M merges evicted KV into kept KV, and the plugin writes kept blocks without merging",
+    "mixkv": "MixKV reads a redundancy table by KV layer ordinal, which the vLLM adapter does not number",
+    "vlcache": (
+        "VL-Cache needs the prompt's image-token positions and per-prompt layer budgets, and the plugin "
+        "serves uniform budgets over token ids it does not map to images"
+    ),
+}
+
+
+#: Keys of the ``"mmshiftkv"`` section: the fields of :class:`VLLMPressConfig`.
+SECTION_KEYS = ("press", "budget", "press_kwargs", "record_selection", "record_blocks", "record_limit")
+
 
 class EngineConfigError(ValueError):
     """The vLLM engine's settings cannot run a press correctly (the message says what to change)."""
@@ -44,16 +59,30 @@ class VLLMPressConfig:
     press_kwargs : dict, optional
         Further keyword arguments of the press class (``{"gamma": 10, "tau": 0.95}``).
     record_selection : bool, default=False
-        Keep each compressed request's kept token indices on the worker, for the engine's lifetime
-        (``layers * kv_heads * budget`` integers per request: for tests and analysis, not serving).
+        Keep on each worker the kept token indices of the last ``record_limit`` compacted requests
+        (``layers * kv_heads * budget`` integers per request; for tests and analysis).
+    record_blocks : bool, default=False
+        Keep on the scheduler the blocks each of the last ``record_limit`` requests held after
+        every step it ran in, and the pool's usage after each of the last ``record_limit`` steps
+        (:class:`~mmshiftkv.vllm.scheduler.BlockLedger`; for tests and analysis).
+    record_limit : int, default=1024
+        Requests (and steps) whose records are kept: the records' memory stays bounded however
+        long the engine runs.
     """
 
     press: str
     budget: int
     press_kwargs: dict[str, Any] = field(default_factory=dict)
     record_selection: bool = False
+    record_blocks: bool = False
+    record_limit: int = 1024
 
     def __post_init__(self) -> None:
+        if self.press in UNSERVED_PRESSES:
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: press {self.press!r} is not served by the vLLM plugin: "
+                f"{UNSERVED_PRESSES[self.press]}; choose from {', '.join(VLLM_PRESSES)}"
+            )
         if self.press not in VLLM_PRESSES:
             raise EngineConfigError(
                 f"mmshiftkv.vllm: unknown or unsupported press {self.press!r}; "
@@ -70,13 +99,15 @@ class VLLMPressConfig:
         refused = sorted({"budget", "compression_ratio", "allocator"} & set(self.press_kwargs))
         if refused:
             raise EngineConfigError(
-                f"mmshiftkv.vllm: press_kwargs may not set {', '.join(refused)}: the vLLM plugin serves "
-                "uniform absolute budgets only (give `budget`)"
+                f"mmshiftkv.vllm: press_kwargs may not set {', '.join(refused)}: "
+                "the vLLM plugin serves uniform absolute budgets only (give `budget`)"
             )
-        if not isinstance(self.record_selection, bool):
-            raise EngineConfigError(
-                f"mmshiftkv.vllm: record_selection must be a bool, got {self.record_selection!r}"
-            )
+        for name in ("record_selection", "record_blocks"):
+            if not isinstance(getattr(self, name), bool):
+                raise EngineConfigError(f"mmshiftkv.vllm: {name} must be a bool, got {getattr(self, name)!r}")
+        limit = self.record_limit
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise EngineConfigError(f"mmshiftkv.vllm: record_limit must be an int >= 1, got {limit!r}")
         self.build_press()  # Bad press arguments fail when the engine is configured, not at the first prompt.
 
     def build_press(self) -> BudgetedPress:
@@ -95,14 +126,14 @@ class VLLMPressConfig:
         section = additional[CONFIG_KEY]
         if not isinstance(section, dict):
             raise EngineConfigError(
-                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] must be a dict such as "
-                f"{{'press': 'shiftkv', 'budget': 64}}, got {section!r}"
+                f"mmshiftkv.vllm: additional_config[{CONFIG_KEY!r}] must be a dict, "
+                f"such as {{'press': 'shiftkv', 'budget': 64}}; got {section!r}"
             )
-        unknown = sorted(set(section) - {"press", "budget", "press_kwargs", "record_selection"})
+        unknown = sorted(set(section) - set(SECTION_KEYS))
         if unknown:
             raise EngineConfigError(
                 f"mmshiftkv.vllm: unknown keys {', '.join(unknown)} in additional_config[{CONFIG_KEY!r}] "
-                "(expected press, budget, press_kwargs, record_selection)"
+                f"(expected {', '.join(SECTION_KEYS)})"
             )
         missing = [name for name in ("press", "budget") if name not in section]
         if missing:
@@ -118,27 +149,75 @@ def check_engine_config(vllm_config: Any) -> None:
     Raises
     ------
     EngineConfigError
-        Naming the setting and the value to use instead.
+        Naming each such setting and the value to use instead.
     """
+    from vllm import envs
+    from vllm.config import CompilationMode, CUDAGraphMode
+
     problems = []
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append(
-            "prefix caching is on: a compressed request's blocks no longer hold the tokens their hashes "
-            "name, so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
+            "prefix caching is on: "
+            "a compressed request's blocks no longer hold the tokens their hashes name, "
+            "so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
         )
     scheduler = vllm_config.scheduler_config
     if scheduler.enable_chunked_prefill:
         problems.append(
-            "chunked prefill is on: a press scores the whole prompt in one step (pass "
-            "enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
+            "chunked prefill is on: a press scores the whole prompt in one step "
+            "(pass enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
+        )
+    if scheduler.long_prefill_token_threshold > 0:
+        problems.append(
+            f"long_prefill_token_threshold={scheduler.long_prefill_token_threshold}: "
+            "long prompts are prefilled over several steps, and a press scores a whole prompt in one step "
+            "(pass long_prefill_token_threshold=0)"
         )
     if getattr(scheduler, "async_scheduling", False):
-        problems.append("async scheduling is on (pass async_scheduling=False)")
-    compilation = vllm_config.compilation_config
-    if int(compilation.mode) != 0:
         problems.append(
-            "torch.compile / CUDA graphs are on: the press reads each layer's attention input from Python "
-            "hooks, which compiled graphs skip (pass enforce_eager=True)"
+            "async scheduling is on: "
+            "the plugin frees a compacted request's blocks when its step's output arrives "
+            "(pass async_scheduling=False)"
+        )
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE:
+        problems.append(
+            "torch.compile is on: "
+            "the press reads each layer's attention input from Python hooks, which compiled graphs skip "
+            "(pass enforce_eager=True)"
+        )
+    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        problems.append(
+            f"cudagraph_mode is {compilation.cudagraph_mode.name}: "
+            "replayed CUDA graphs skip the press's Python hooks while the scheduler still frees the blocks "
+            "(pass enforce_eager=True, or compilation_config={'cudagraph_mode': 'NONE'})"
+        )
+    if envs.VLLM_USE_BREAKABLE_CUDAGRAPH:
+        problems.append(
+            "VLLM_USE_BREAKABLE_CUDAGRAPH=1 captures CUDA graphs without torch.compile, "
+            "and replayed graphs skip the press's Python hooks "
+            "(unset it or set VLLM_USE_BREAKABLE_CUDAGRAPH=0)"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        problems.append(
+            f"pipeline_parallel_size={parallel.pipeline_parallel_size} keeps several batches in flight, "
+            "and the plugin frees a compacted request's blocks when its step's output arrives "
+            "(pass pipeline_parallel_size=1)"
+        )
+    if parallel.decode_context_parallel_size > 1:
+        problems.append(
+            f"decode_context_parallel_size={parallel.decode_context_parallel_size}: "
+            "a request's KV is spread over several ranks, so the scheduler's and the workers' block sizes "
+            "differ (pass decode_context_parallel_size=1)"
+        )
+    kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    if parallel.tensor_parallel_size > kv_heads:
+        problems.append(
+            f"tensor_parallel_size={parallel.tensor_parallel_size} exceeds the model's {kv_heads} KV heads: "
+            "vLLM then copies each KV head to several ranks, "
+            "and each copy would be scored with only its rank's share of the head's queries "
+            f"(pass tensor_parallel_size <= {kv_heads})"
         )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is on (its draft tokens would be scored as prompt)")
@@ -146,9 +225,11 @@ def check_engine_config(vllm_config: Any) -> None:
         problems.append(
             "a KV connector is configured (transferred blocks would not match the compacted layout)"
         )
-    if getattr(vllm_config, "use_v2_model_runner", False):
+    if vllm_config.use_v2_model_runner:
         problems.append(
-            "the V2 model runner is selected (the plugin patches the V1 GPUModelRunner/CPUModelRunner)"
+            "the V2 model runner is selected: "
+            "the plugin patches the V1 runner (GPUModelRunner, CPUModelRunner); "
+            "set the environment variable VLLM_USE_V2_MODEL_RUNNER=0"
         )
     if problems:
         raise EngineConfigError(

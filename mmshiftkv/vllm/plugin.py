@@ -6,13 +6,16 @@ It changes nothing for engines that do not name a press. For an engine whose
 * checks the engine settings when the engine config is created (front end) and again in the
   scheduler and each worker (they may run in other processes);
 * gives the scheduler a :class:`~mmshiftkv.vllm.scheduler.BlockLedger` and each model runner a
-  :class:`~mmshiftkv.vllm.worker.Compactor`.
+  :class:`~mmshiftkv.vllm.worker.Compactor`;
+* carries the requests whose compaction failed from the workers to the scheduler, as an attribute
+  of the step's ``ModelRunnerOutput`` (pickled with it across processes), and finishes them there.
 
 vLLM has no public API for shortening a request's KV, so the plugin wraps a few internal methods
 (``Scheduler.__init__`` / ``_update_after_schedule`` / ``update_from_output``,
-``GPUModelRunner.initialize_kv_cache`` / ``_prepare_inputs`` / ``execute_model``; vLLM's
-``CPUModelRunner`` inherits them). Those are not stable across vLLM releases: the plugin runs only
-on the versions in :data:`SUPPORTED_VLLM` and refuses a press on any other.
+``GPUModelRunner.initialize_kv_cache`` / ``_update_states`` / ``_prepare_inputs`` /
+``execute_model`` / ``sample_tokens``; vLLM's ``CPUModelRunner`` inherits them). Those are not
+stable across vLLM releases: the plugin runs only on the versions in :data:`SUPPORTED_VLLM` and
+refuses a press on any other.
 """
 
 from __future__ import annotations
@@ -101,7 +104,9 @@ def _patch_scheduler() -> None:
         init(self, *args, **kwargs)
         config = _press_config(self.vllm_config)
         if config is not None:
-            self.mmshiftkv_ledger = BlockLedger(self, config.budget)
+            self.mmshiftkv_ledger = BlockLedger(
+                self, config.budget, record_blocks=config.record_blocks, record_limit=config.record_limit
+            )
 
     @functools.wraps(after_schedule)
     def _update_after_schedule(self, scheduler_output):
@@ -111,13 +116,15 @@ def _patch_scheduler() -> None:
         return after_schedule(self, scheduler_output)
 
     @functools.wraps(update)
-    def update_from_output(self, *args, **kwargs):
+    def update_from_output(self, scheduler_output, model_runner_output):
         ledger = getattr(self, "mmshiftkv_ledger", None)
-        if ledger is not None:
-            ledger.step_finished()
-        outputs = update(self, *args, **kwargs)
-        if ledger is not None:
-            ledger.record()
+        if ledger is None:
+            return update(self, scheduler_output, model_runner_output)
+        ledger.step_finished()
+        failed = ledger.finish_failed(model_runner_output)
+        outputs = update(self, scheduler_output, model_runner_output)
+        ledger.report_failed(outputs, failed)
+        ledger.record()
         return outputs
 
     Scheduler.__init__ = __init__
@@ -126,14 +133,18 @@ def _patch_scheduler() -> None:
 
 
 def _patch_model_runner() -> None:
+    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from mmshiftkv.vllm.scheduler import FAILURES_ATTRIBUTE
     from mmshiftkv.vllm.worker import Compactor
 
-    initialize, prepare, execute = (
+    initialize, update_states, prepare, execute, sample = (
         GPUModelRunner.initialize_kv_cache,
+        GPUModelRunner._update_states,
         GPUModelRunner._prepare_inputs,
         GPUModelRunner.execute_model,
+        GPUModelRunner.sample_tokens,
     )
 
     @functools.wraps(initialize)
@@ -145,6 +156,13 @@ def _patch_model_runner() -> None:
                 self.mmshiftkv_compactor = Compactor.for_runner(self, config)
         return result
 
+    @functools.wraps(update_states)
+    def _update_states(self, scheduler_output):
+        compactor = getattr(self, "mmshiftkv_compactor", None)
+        if compactor is not None:
+            compactor.trim_block_table(self)
+        return update_states(self, scheduler_output)
+
     @functools.wraps(prepare)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = prepare(self, scheduler_output, num_scheduled_tokens)
@@ -155,13 +173,30 @@ def _patch_model_runner() -> None:
 
     @functools.wraps(execute)
     def execute_model(self, *args, **kwargs):
-        try:
+        compactor = getattr(self, "mmshiftkv_compactor", None)
+        if compactor is None:
             return execute(self, *args, **kwargs)
-        finally:
-            compactor = getattr(self, "mmshiftkv_compactor", None)
-            if compactor is not None:
-                compactor.finish_step(self)
+        try:
+            result = execute(self, *args, **kwargs)
+        except BaseException:
+            compactor.abandon_step()
+            raise
+        compactor.finish_step()
+        return result
+
+    @functools.wraps(sample)
+    def sample_tokens(self, *args, **kwargs):
+        output = sample(self, *args, **kwargs)
+        compactor = getattr(self, "mmshiftkv_compactor", None)
+        if compactor is not None:
+            # Read after sampling, which waited for the step: no extra synchronisation.
+            failures = compactor.take_failures()
+            if failures and isinstance(output, ModelRunnerOutput):
+                setattr(output, FAILURES_ATTRIBUTE, failures)
+        return output
 
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+    GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner.sample_tokens = sample_tokens

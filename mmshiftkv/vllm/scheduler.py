@@ -1,4 +1,5 @@
-"""Scheduler side: return a compacted request's emptied KV blocks to the pool and size later allocations.
+"""Scheduler side: return a compacted request's emptied KV blocks to the pool, size later allocations,
+and finish the requests whose compaction failed.
 
 vLLM's KV manager sizes a request's blocks from its token count (``num_computed_tokens`` + new
 tokens). After compaction (:mod:`mmshiftkv.vllm.worker`) a request needs ``shift`` fewer slots
@@ -6,21 +7,37 @@ than that count, where ``shift = prompt_len - min(prompt_len, budget)``: the sch
 without asking the workers, because the budget is uniform. :class:`BlockLedger`
 
 * notes, when a step is scheduled, the requests whose whole prompt it prefills
-  (:func:`~mmshiftkv.vllm.worker.compacts`, the rule the workers apply);
+  (:func:`~mmshiftkv.vllm.worker.compacts`, the rule the workers apply), and the ones whose
+  prefill starts without the whole prompt (they could not be compressed: they fail, see below);
 * when that step's output arrives (the workers have compacted by then), frees each such request's
   blocks beyond ``ceil(physical_len / block_size)`` into the block pool;
 * subtracts the shift from every later allocation of the request, so a decode step asks for a new
   block only when the *physical* length crosses a block boundary;
-* records the blocks each request holds after every step, as the KV manager reports them, and
-  the peak number of blocks in use (what the benchmark and the tests read).
+* keeps the peak number of blocks in use and of running requests, and, with ``record_blocks``,
+  the blocks each of the last ``record_limit`` requests held after every step.
+
+A request whose compaction failed on a worker (its scores were NaN, its press raised: the worker
+reports it in the step's output, see :meth:`Compactor.take_failures
+<mmshiftkv.vllm.worker.Compactor.take_failures>`) is finished with vLLM's error status before the
+step's output is processed (:meth:`BlockLedger.finish_failed`): it returns no token from that step,
+its output ends with ``finish_reason="error"`` and the reason as ``stop_reason``, and the other
+requests of the step continue.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 from mmshiftkv.vllm.config import EngineConfigError
+from mmshiftkv.vllm.records import RecentRecords
 from mmshiftkv.vllm.worker import compacts
+
+logger = logging.getLogger(__name__)
+
+#: Attribute of vLLM's ``ModelRunnerOutput`` carrying the failed compactions, request id -> reason.
+FAILURES_ATTRIBUTE = "mmshiftkv_failures"
 
 
 @dataclass
@@ -55,29 +72,37 @@ class BlockLedger:
         The engine's scheduler.
     budget : int or None
         The press's budget; None records blocks without compacting (a baseline engine).
+    record_blocks : bool, default=False
+        Keep :attr:`history` and :attr:`usage`.
+    record_limit : int, default=1024
+        Requests in :attr:`history` and steps in :attr:`usage`, the most recent ones.
 
     Attributes
     ----------
     shifts : dict[str, int]
         Per compacted request still holding blocks, its logical minus physical length.
-    history : dict[str, list[BlockRecord]]
-        Per request, its KV after every step it ran in.
+    history : RecentRecords[str, list[BlockRecord]]
+        With ``record_blocks``: per request (the last ``record_limit`` to start), its KV after
+        every step it ran in.
+    usage : collections.deque[tuple[int, int]]
+        With ``record_blocks``: after each of the last ``record_limit`` steps, blocks in use in the
+        pool and blocks the running requests hold (equal when no emptied block is left behind).
     peak_blocks : int
         Most blocks in use at once (the null block excluded), a step's prefill allocations included.
     peak_running : int
         Most requests running at once.
-    usage : list[tuple[int, int]]
-        After every step: blocks in use in the pool, and blocks the running requests hold (equal
-        when no emptied block is left behind).
+    failed : int
+        Requests finished with an error because their compaction failed.
     """
 
     scheduler: object
     budget: int | None
+    record_blocks: bool = False
+    record_limit: int = 1024
     shifts: dict[str, int] = field(default_factory=dict)
-    history: dict[str, list[BlockRecord]] = field(default_factory=dict)
     peak_blocks: int = 0
     peak_running: int = 0
-    usage: list[tuple[int, int]] = field(default_factory=list)
+    failed: int = 0
 
     def __post_init__(self) -> None:
         manager = self.scheduler.kv_cache_manager
@@ -85,13 +110,16 @@ class BlockLedger:
         if len(coordinator.single_type_managers) != 1:
             raise EngineConfigError(
                 "mmshiftkv.vllm supports models with one KV cache group (full attention in every layer); "
-                "this model has "
-                f"{len(coordinator.single_type_managers)}"
+                f"this model has {len(coordinator.single_type_managers)}"
             )
+        self.history: RecentRecords[str, list[BlockRecord]] = RecentRecords(self.record_limit)
+        self.usage: deque[tuple[int, int]] = deque(maxlen=self.record_limit)
         self._blocks = coordinator.single_type_managers[0]
         self.block_size = self._blocks.block_size
         self._pool = manager.block_pool
         self._pending: dict[str, tuple[int, int]] = {}
+        # Requests whose prefill started without their whole prompt: request id -> reason.
+        self._cut: dict[str, str] = {}
         self._wrap_manager(manager, coordinator)
 
     def _wrap_manager(self, manager, coordinator) -> None:
@@ -128,9 +156,18 @@ class BlockLedger:
             return
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
-            if compacts(request.num_computed_tokens, n, request.num_prompt_tokens, self.budget):
-                shift = request.num_prompt_tokens - self.budget
+            computed, prompt_len = request.num_computed_tokens, request.num_prompt_tokens
+            if compacts(computed, n, prompt_len, self.budget):
+                shift = prompt_len - self.budget
                 self._pending[req_id] = (shift, n - shift)
+            elif computed == 0 and n < prompt_len and prompt_len > self.budget:
+                # The workers compact a prompt only when one step prefills all of it; the engine checks
+                # refuse every setting that splits one, so this is a scheduler change the plugin does
+                # not know: the request fails rather than run uncompressed.
+                self._cut[req_id] = (
+                    f"the scheduler prefilled {n} of its {prompt_len} prompt tokens in one step, "
+                    "and a press compresses only a prompt prefilled whole"
+                )
 
     def step_finished(self) -> None:
         """When the step's output arrives, before vLLM processes it: free the blocks compaction emptied."""
@@ -147,22 +184,71 @@ class BlockLedger:
             self.shifts[req_id] = shift
         self._pending.clear()
 
+    def finish_failed(self, model_runner_output) -> list:
+        """Finish with an error the requests whose compaction failed in this step, before vLLM reads
+        the step's output (so none of them returns a token from it); the finished requests."""
+        from vllm.v1.request import RequestStatus
+
+        failures = {**getattr(model_runner_output, FAILURES_ATTRIBUTE, {}), **self._cut}
+        self._cut = {}
+        if not failures:
+            return []
+        requests = self.scheduler.finish_requests(failures, RequestStatus.FINISHED_ERROR)
+        for request in requests:
+            request.stop_reason = f"mmshiftkv: {failures[request.request_id]}"
+            logger.error(
+                "mmshiftkv.vllm: request %s failed (%s); "
+                "it is finished with an error, the other requests continue",
+                request.request_id,
+                failures[request.request_id],
+            )
+        self.failed += len(requests)
+        return requests
+
+    @staticmethod
+    def report_failed(engine_core_outputs: dict, requests: list) -> None:
+        """Add each failed request's final output (no new token, ``finish_reason="error"``)."""
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+        for request in requests:
+            outputs = engine_core_outputs.setdefault(request.client_index, EngineCoreOutputs())
+            outputs.outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=request.stop_reason,
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
+
     def record(self) -> None:
-        """After vLLM processed the step's output: what every running request holds."""
+        """After vLLM processed the step's output: peaks, and with ``record_blocks`` what requests hold."""
+        in_use = self._note_usage()
+        if not self.record_blocks:
+            return
         held = 0
         for request in self.scheduler.running:
             blocks = len(self._blocks.req_to_blocks.get(request.request_id, ()))
             held += blocks
-            self.history.setdefault(request.request_id, []).append(
-                BlockRecord(
-                    request.num_prompt_tokens, request.num_computed_tokens, blocks, request.num_preemptions
-                )
+            record = BlockRecord(
+                request.num_prompt_tokens, request.num_computed_tokens, blocks, request.num_preemptions
             )
-        self.usage.append((self._note_usage(), held))
+            records = self.history.get(request.request_id)
+            if records is None:
+                self.history[request.request_id] = [record]
+            else:
+                records.append(record)
+        self.usage.append((in_use, held))
+
+    def blocks_in_use(self) -> int:
+        """Blocks taken from the pool (the null block excluded): none once every request finished."""
+        # The pool's null block is never free and never holds KV.
+        return self._pool.num_gpu_blocks - self._pool.get_num_free_blocks() - 1
 
     def _note_usage(self) -> int:
-        # The pool's null block is never free and never holds KV.
-        in_use = self._pool.num_gpu_blocks - self._pool.get_num_free_blocks() - 1
+        in_use = self.blocks_in_use()
         self.peak_blocks = max(self.peak_blocks, in_use)
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         return in_use

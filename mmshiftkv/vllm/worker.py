@@ -12,12 +12,20 @@ From then on the request has two lengths. Its *logical* length (the scheduler's
 ``prompt_len + i`` (M-RoPE: vLLM's ``mrope_position_delta`` applies as usual). Its *physical*
 length, ``shift`` tokens shorter, gives the slots new keys are written to and the sequence length
 the attention kernel reads. :meth:`Compactor.prepare` applies the shift to the runner's slot
-mapping and sequence lengths after vLLM prepared them; the emptied blocks leave the worker's block
-table here and the scheduler's KV manager in :mod:`mmshiftkv.vllm.scheduler`, which applies the
-same rule (both sides know the physical length: ``min(prompt_len, budget)``).
+mapping and sequence lengths after vLLM prepared them (one vectorised update per step); the
+emptied blocks leave the worker's block table before the next step fills it
+(:meth:`Compactor.trim_block_table`) and the scheduler's KV manager in
+:mod:`mmshiftkv.vllm.scheduler`, which applies the same rule (both sides know the physical
+length: ``min(prompt_len, budget)``).
 
 The writes go through the attention backend's own ``do_kv_cache_update``, so the block layout
 (which differs by backend and CPU ISA) is never assumed.
+
+On GPUs (untested here: no GPU backend runs on this project's CPU machines) the design avoids
+three hazards: the pinned block table is never written while the step's copy of it to the device
+may be pending, the shifts cost one host-to-device copy and a few batched kernels per step rather
+than kernels per request, and NaN scores are accumulated on the device and read once per step,
+after sampling, instead of synchronising per layer.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from mmshiftkv.presses import select_kept_indices
 from mmshiftkv.presses.base import ScoringState
 from mmshiftkv.vllm.adapter import AttentionView, VLLMAdapter
 from mmshiftkv.vllm.config import EngineConfigError, VLLMPressConfig
+from mmshiftkv.vllm.records import RecentRecords
 
 
 @dataclass
@@ -77,16 +86,26 @@ def compacts(num_computed: int, n_scheduled: int, prompt_len: int, budget: int) 
     return num_computed == 0 and n_scheduled >= prompt_len > budget
 
 
-def physical_blocks(prompt_len: int, n_tokens: int, budget: int, block_size: int) -> int:
-    """Blocks a request holds for ``n_tokens`` logical tokens once its prompt is compacted."""
-    physical = n_tokens - max(prompt_len - budget, 0)
-    return -(-physical // block_size)
-
-
 @dataclass
 class _LayerInput:
     positions: torch.Tensor
     hidden_states: torch.Tensor
+
+
+#: Why a request fails when its scores hold NaN on this rank.
+NAN_REASON = "the press scored NaN for real prompt tokens (the attention input holds NaN or inf)"
+#: Why a request fails when its compaction failed on another tensor-parallel rank only.
+OTHER_RANK_REASON = "its compaction failed on another tensor-parallel rank (see that worker's log)"
+
+
+@dataclass
+class _StepFailures:
+    """One step's compactions and which failed, read after the step's sampling synchronised."""
+
+    items: list[PromptCompaction]
+    local: torch.Tensor
+    combined: torch.Tensor
+    errors: dict[int, str]
 
 
 @dataclass
@@ -94,6 +113,12 @@ class Compactor:
     """The press, its hooks on one worker's model, and the per-request shifts.
 
     Built by the plugin when the runner's KV cache is initialised (see :mod:`mmshiftkv.vllm.plugin`).
+
+    A request whose scoring fails (its scores hold NaN, or the press raises) is still compacted,
+    with valid slots, so that the step's other requests run on; the worker reports it in the step's
+    output (:meth:`take_failures`) and the scheduler finishes it with an error. Nothing raises inside
+    the forward and nothing synchronises per layer: NaN scores set a device flag per request, read
+    once per step after sampling (which waits for the step anyway).
 
     Attributes
     ----------
@@ -103,9 +128,9 @@ class Compactor:
         Tokens per KV block of the (single) KV cache group.
     shifts : dict[str, int]
         Per compacted request, its logical minus physical length.
-    selections : dict[str, dict[int, torch.Tensor]]
-        With ``config.record_selection``: per request and decoder layer index, the kept prompt
-        token indices ``(kv_heads, kept)``, ascending per head.
+    selections : RecentRecords[str, dict[int, torch.Tensor]]
+        With ``config.record_selection``: per request (the last ``config.record_limit`` compacted)
+        and decoder layer index, the kept prompt token indices ``(kv_heads, kept)``, ascending per head.
     """
 
     config: VLLMPressConfig
@@ -113,12 +138,18 @@ class Compactor:
     views: dict[nn.Module, AttentionView]
     adapter: VLLMAdapter
     shifts: dict[str, int] = field(default_factory=dict)
-    selections: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.press = self.config.build_press()
+        self.selections: RecentRecords[str, dict[int, torch.Tensor]] = RecentRecords(self.config.record_limit)
         self.plan: list[PromptCompaction] = []
         self._inputs: dict[int, _LayerInput] = {}
+        # Per layer of the step, (len(plan),) bool: the scores held NaN; per plan index, why the press raised.
+        self._nan: list[torch.Tensor] = []
+        self._errors: dict[int, str] = {}
+        self._failures: _StepFailures | None = None
+        # Block-table rows to shorten before the next step fills the table: (request id, blocks kept).
+        self._trims: list[tuple[str, int]] = []
         # The hooks live as long as the engine's model.
         for view in self.views.values():
             view.module.register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -135,15 +166,15 @@ class Compactor:
         groups = runner.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise EngineConfigError(
-                f"mmshiftkv.vllm supports models with one KV cache group (full attention in every layer); "
+                "mmshiftkv.vllm supports models with one KV cache group (full attention in every layer); "
                 f"this model has {len(groups)} (sliding-window or hybrid layers)"
             )
         block_size = groups[0].kv_cache_spec.block_size
         table_block_size = runner.input_batch.block_table.block_tables[0].block_size
         if table_block_size != block_size:
             raise EngineConfigError(
-                f"mmshiftkv.vllm: the attention kernel's block size ({table_block_size}) differs from the KV "
-                f"manager's ({block_size}); pass block_size={table_block_size}"
+                f"mmshiftkv.vllm: the attention kernel's block size ({table_block_size}) "
+                f"differs from the KV manager's ({block_size}); pass block_size={table_block_size}"
             )
         decoder_layers = [
             m
@@ -163,8 +194,8 @@ class Compactor:
             if missing:
                 raise EngineConfigError(
                     f"mmshiftkv.vllm cannot score {type(module).__name__}: it has no {', '.join(missing)} "
-                    "(supported: decoders with a fused qkv_proj and a rotary embedding, e.g. Llama, Qwen2, "
-                    "Qwen2-VL)"
+                    "(supported: decoders with a fused qkv_proj and a rotary embedding, "
+                    "e.g. Llama, Qwen2, Qwen3, Qwen2-VL, Qwen3-VL)"
                 )
             if attn.sliding_window is not None:
                 raise EngineConfigError(
@@ -175,9 +206,9 @@ class Compactor:
             )
         if not views or len(views) != len(decoder_layers):
             raise EngineConfigError(
-                f"mmshiftkv.vllm found {len(views)} scorable attention modules for {len(decoder_layers)} "
-                "decoder "
-                "attention layers; this model's structure is not supported"
+                f"mmshiftkv.vllm found {len(views)} scorable attention modules "
+                f"for {len(decoder_layers)} decoder attention layers; "
+                "this model's structure is not supported"
             )
         first = next(iter(views))
         adapter = VLLMAdapter(
@@ -189,50 +220,99 @@ class Compactor:
         return cls(config=config, block_size=block_size, views=views, adapter=adapter)
 
     # ------------------------------------------------------------------ steps
+    def trim_block_table(self, runner) -> None:
+        """Before vLLM's ``_update_states``: drop the blocks compaction emptied from the worker's block table.
+
+        Not at the end of the compacting step: that step's copy of the (pinned) table to the device
+        may still be pending then. Here it is done (vLLM waited for the previous step's sampled
+        tokens, or for its ``prepare_inputs_event``), and vLLM has not yet appended the blocks the
+        scheduler allocated since, which follow the kept ones.
+        """
+        if not self._trims:
+            return
+        batch = runner.input_batch
+        table = batch.block_table.block_tables[0]
+        for req_id, keep in self._trims:
+            row = batch.req_id_to_index.get(req_id)
+            if row is None:  # finished or preempted meanwhile
+                continue
+            held = int(table.num_blocks_per_row[row])
+            table.block_table.np[row, keep:held] = 0
+            table.num_blocks_per_row[row] = min(keep, held)
+            del runner.requests[req_id].block_ids[0][keep:]
+        self._trims = []
+
     def prepare(self, runner, num_scheduled_tokens: np.ndarray) -> None:
-        """After vLLM's ``_prepare_inputs``: plan the step's compactions, apply earlier ones' shifts."""
+        """After vLLM's ``_prepare_inputs``: plan the step's compactions, apply earlier ones' shifts.
+
+        The shifts reach the device as one copy per step: sequence lengths and slot mappings are
+        corrected by vectorised ops over the batch, not per request.
+        """
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        for req_id in [r for r in self.shifts if r not in runner.requests]:
-            del self.shifts[req_id]
+        req_ids = batch.req_ids[:num_reqs]
         starts = runner.query_start_loc.np[:num_reqs]
-        token_shift = np.zeros(int(num_scheduled_tokens[:num_reqs].sum()), dtype=np.int64)
         self.plan = []
-        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
-            computed = int(batch.num_computed_tokens_cpu[row])
-            n = int(num_scheduled_tokens[row])
+        # Rows (re)starting from scratch (new, or preempted and recomputed) hold all their slots.
+        for row in np.flatnonzero(batch.num_computed_tokens_cpu[:num_reqs] == 0):
+            req_id, n = req_ids[row], int(num_scheduled_tokens[row])
+            self.shifts.pop(req_id, None)
             prompt_len = runner.requests[req_id].num_prompt_tokens
-            if computed == 0:
-                # A request (re)starting from scratch (new, or preempted and recomputed) holds all its slots.
-                self.shifts.pop(req_id, None)
-            if compacts(computed, n, prompt_len, self.config.budget):
+            if compacts(0, n, prompt_len, self.config.budget):
                 kept = min(prompt_len, self.config.budget)
-                self.plan.append(PromptCompaction(req_id, row, int(starts[row]), prompt_len, n, kept))
-            shift = self.shifts.get(req_id, 0)
-            if shift:
-                runner.seq_lens[row] -= shift
-                runner.optimistic_seq_lens_cpu[row] -= shift
-                token_shift[starts[row] : starts[row] + n] = shift
-        if token_shift.any():
-            total = token_shift.shape[0]
-            physical = runner.positions[:total] - torch.from_numpy(token_shift).to(runner.positions.device)
-            batch.block_table.compute_slot_mapping(
-                num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical
-            )
+                self.plan.append(PromptCompaction(req_id, int(row), int(starts[row]), prompt_len, n, kept))
+        row_shift = np.zeros(num_reqs, dtype=np.int32)
+        for req_id in list(self.shifts):
+            row = batch.req_id_to_index.get(req_id)
+            if row is not None and row < num_reqs:
+                row_shift[row] = self.shifts[req_id]
+            elif req_id not in runner.requests:  # finished
+                del self.shifts[req_id]
+        if not row_shift.any():
+            return
+        host_shift = torch.from_numpy(row_shift)
+        runner.optimistic_seq_lens_cpu[:num_reqs] -= host_shift
+        shift = host_shift.to(runner.seq_lens.device, non_blocking=True)
+        runner.seq_lens[:num_reqs] -= shift
+        total = int(num_scheduled_tokens[:num_reqs].sum())
+        token_shift = shift.index_select(0, runner.req_indices.gpu[:total])
+        batch.block_table.compute_slot_mapping(
+            num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], runner.positions[:total] - token_shift
+        )
 
-    def finish_step(self, runner) -> None:
-        """After the step: drop the emptied blocks from the worker's block table, remember the shifts."""
-        table = runner.input_batch.block_table.block_tables[0]
+    def finish_step(self) -> None:
+        """After the step's forward: remember its shifts, the table rows to trim, which compactions failed."""
+        if not self.plan:
+            return
+        local = torch.stack(self._nan).any(0)
+        if self._errors:
+            raised = torch.zeros(len(self.plan), dtype=torch.bool)
+            raised[list(self._errors)] = True
+            local = local | raised.to(local.device)
+        self._failures = _StepFailures(self.plan, local, _any_rank(local), self._errors)
         for item in self.plan:
-            keep = -(-item.physical_len // self.block_size)
-            held = int(table.num_blocks_per_row[item.row])
-            table.block_table.np[item.row, keep:held] = 0
-            table.num_blocks_per_row[item.row] = min(keep, held)
-            state = runner.requests[item.req_id]
-            del state.block_ids[0][keep:]
+            self._trims.append((item.req_id, -(-item.physical_len // self.block_size)))
             self.shifts[item.req_id] = item.shift
+        self.abandon_step()
+
+    def abandon_step(self) -> None:
+        """Forget the step's plan and per-layer state (after the forward, or when it raised)."""
         self.plan = []
         self._inputs.clear()
+        self._nan = []
+        self._errors = {}
+
+    def take_failures(self) -> dict[str, str]:
+        """After the step's sampling: request id -> reason, for each compaction of the step that failed."""
+        failures, self._failures = self._failures, None
+        if failures is None:
+            return {}
+        local, combined = failures.local.tolist(), failures.combined.tolist()
+        return {
+            item.req_id: failures.errors.get(i) or (NAN_REASON if local[i] else OTHER_RANK_REASON)
+            for i, item in enumerate(failures.items)
+            if combined[i]
+        }
 
     # ------------------------------------------------------------------ hooks
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -252,11 +332,16 @@ class Compactor:
         keys = args[1].view(-1, attn.num_kv_heads, attn.head_size)
         values = args[2].view(-1, attn.num_kv_heads, attn.head_size_v)
         _, _, kv_cache, slot_mapping = get_attention_context(attn.layer_name)
-        new_keys, new_values, slots = [], [], []
-        for item in self.plan:
-            kept = self._select(view, captured, keys, values, item)
+        new_keys, new_values, slots, nan = [], [], [], []
+        for index, item in enumerate(self.plan):
+            scores = self._scores(view, captured, keys, values, item, index)
+            nan.append(torch.isnan(scores).any())
+            kept = select_kept_indices(scores, item.kept)[0][0]
             if self.config.record_selection:
-                self.selections.setdefault(item.req_id, {})[view.layer_idx] = kept.cpu()
+                layers = self.selections.get(item.req_id)
+                if layers is None:
+                    layers = self.selections[item.req_id] = {}
+                layers[view.layer_idx] = kept.cpu()
             prompt = slice(item.start, item.start + item.prompt_len)
             gather = kept.T[..., None]  # (kept, kv_heads, 1): slot j of head h <- token kept[h, j]
             new_keys.append(keys[prompt].gather(0, gather.expand(-1, -1, keys.shape[-1])))
@@ -266,31 +351,55 @@ class Compactor:
             new_values.append(values[replayed])
             # The step's own slots of physical positions 0 .. physical_len - 1 (the prompt starts at 0).
             slots.append(slot_mapping[item.start : item.start + item.physical_len])
+        self._nan.append(torch.stack(nan))
         attn.impl.do_kv_cache_update(
             attn, torch.cat(new_keys), torch.cat(new_values), kv_cache, torch.cat(slots)
         )
 
-    def _select(
+    def _scores(
         self,
         view: AttentionView,
         captured: _LayerInput,
         keys: torch.Tensor,
         values: torch.Tensor,
         item: PromptCompaction,
+        index: int,
     ) -> torch.Tensor:
-        """Kept prompt token indices ``(kv_heads, kept)`` of one request in one layer."""
+        """The press's scores ``(1, kv_heads, prompt_len)`` of one request's prompt in one layer.
+
+        When the press raises, the request is marked failed and scored zeros (any valid selection
+        serves: the scheduler finishes it with an error once the step's output arrives).
+        """
         prompt = slice(item.start, item.start + item.prompt_len)
+        expected = (1, keys.shape[1], item.prompt_len)
         positions = captured.positions
         positions = positions[:, prompt][:, None] if positions.dim() == 2 else positions[prompt][None]
         state = ScoringState(adapter=self.adapter, key_mask=None, positions=positions)
-        with self.press.scoring(state):
-            scores = self.press.masked_scores(
-                view,
-                captured.hidden_states[prompt][None],
-                keys[prompt].transpose(0, 1)[None],
-                values[prompt].transpose(0, 1)[None],
-                None,
-                {},
+        try:
+            with self.press.scoring(state):
+                scores = self.press.score(
+                    view,
+                    captured.hidden_states[prompt][None],
+                    keys[prompt].transpose(0, 1)[None],
+                    values[prompt].transpose(0, 1)[None],
+                    None,
+                    {},
+                )
+            if tuple(scores.shape) != expected:
+                raise RuntimeError(f"score returned shape {tuple(scores.shape)}, expected {expected}")
+        except Exception as error:  # one request's failure must not stop the engine
+            press = type(self.press).__name__
+            self._errors.setdefault(
+                index, f"{press} failed in layer {view.layer_idx}: {type(error).__name__}: {error}"
             )
-        indices, _ = select_kept_indices(scores, item.kept)
-        return indices[0]
+            return torch.zeros(expected, device=keys.device)
+        return scores
+
+
+def _any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """``flags`` OR-ed over the tensor-parallel ranks (each rank scores its own KV heads)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return flags
+    return get_tp_group().all_reduce(flags.float()) > 0

@@ -9,6 +9,7 @@ pytest.importorskip("vllm")
 from mmshiftkv.vllm import (  # noqa: E402
     EngineConfigError,
     VLLMPressConfig,
+    check_engine_config,
     vllm_version_supported,
 )
 from vllm_plugin.vllm_helpers import engine  # noqa: E402
@@ -39,12 +40,18 @@ def test_plugin_is_registered_as_a_general_plugin():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"press": "full", "budget": 8}, "unsupported press"),
+        ({"press": "full", "budget": 8}, "FullKV compresses nothing"),
+        ({"press": "lookm", "budget": 8}, "merges evicted KV"),
+        ({"press": "mixkv", "budget": 8}, "redundancy table"),
+        ({"press": "vlcache", "budget": 8}, "image-token positions"),
+        ({"press": "h2o", "budget": 8}, "unknown or unsupported press 'h2o'"),
         ({"press": "shiftkv", "budget": 0}, "budget must be an int >= 1"),
         ({"press": "shiftkv", "budget": 8, "press_kwargs": {"allocator": None}}, "uniform absolute budgets"),
         ({"press": "shiftkv", "budget": 8, "press_kwargs": {"tau": 2.0}}, "cannot build 'shiftkv'"),
         ({"press": "shiftkv"}, "needs budget"),
         ({"press": "shiftkv", "budget": 8, "ratio": 0.5}, "unknown keys ratio"),
+        ({"press": "shiftkv", "budget": 8, "record_blocks": 1}, "record_blocks must be a bool"),
+        ({"press": "shiftkv", "budget": 8, "record_limit": 0}, "record_limit must be an int >= 1"),
     ],
 )
 def test_bad_press_configuration_is_refused(section, message):
@@ -53,6 +60,14 @@ def test_bad_press_configuration_is_refused(section, message):
 
     with pytest.raises(EngineConfigError, match=message):
         VLLMPressConfig.from_vllm_config(Config())
+
+
+def test_every_registered_press_is_served_or_refused_with_its_reason():
+    from mmshiftkv.registry import PRESSES
+    from mmshiftkv.vllm.config import UNSERVED_PRESSES, VLLM_PRESSES
+
+    assert set(VLLM_PRESSES) | set(UNSERVED_PRESSES) == set(PRESSES)
+    assert not set(VLLM_PRESSES) & set(UNSERVED_PRESSES)
 
 
 def test_engine_without_section_has_no_press():
@@ -74,3 +89,64 @@ def test_engine_settings_that_break_compaction_are_refused(model_dirs, setting, 
     # Refused when the engine config is created, before any worker starts.
     with pytest.raises(EngineConfigError, match=message), engine(model_dirs("qwen2"), "snapkv", **setting):
         pass
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"long_prefill_token_threshold": 8}, "long_prefill_token_threshold=0"),
+        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=1"),
+        ({"tensor_parallel_size": 4}, r"tensor_parallel_size <= 2"),
+        ({"tensor_parallel_size": 4, "decode_context_parallel_size": 2}, "decode_context_parallel_size=1"),
+    ],
+)
+def test_parallelism_and_prefill_splits_that_break_compaction_are_refused(model_dirs, setting, message):
+    with pytest.raises(EngineConfigError, match=message), engine(model_dirs("qwen2"), "snapkv", **setting):
+        pass
+
+
+def test_breakable_cuda_graphs_are_refused(model_dirs, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")
+    with (
+        pytest.raises(EngineConfigError, match="VLLM_USE_BREAKABLE_CUDAGRAPH=0"),
+        engine(model_dirs("qwen2"), "snapkv"),
+    ):
+        pass
+
+
+@pytest.fixture(scope="module")
+def engine_config(model_dirs):
+    """A real engine config the checks accept (no press section: nothing is checked while it is built)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(
+        model=model_dirs("qwen2"),
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+        max_model_len=512,
+        max_num_batched_tokens=512,
+    ).create_engine_config()
+
+
+def test_checks_accept_an_eager_unchunked_engine(engine_config):
+    check_engine_config(engine_config)
+
+
+def test_cuda_graphs_are_refused(engine_config, monkeypatch):
+    # The CPU platform turns CUDA graphs off itself, so the setting is made after the config is built.
+    from vllm.config import CUDAGraphMode
+
+    monkeypatch.setattr(engine_config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+    message = r"cudagraph_mode is FULL_AND_PIECEWISE.*'cudagraph_mode': 'NONE'"
+    with pytest.raises(EngineConfigError, match=message):
+        check_engine_config(engine_config)
+
+
+def test_v2_model_runner_is_refused_naming_the_switch(engine_config, monkeypatch):
+    # vLLM's CPU build cannot select the V2 runner here (it needs Triton's CPU backend); on GPUs it is
+    # vLLM 0.32's default.
+    monkeypatch.setattr(type(engine_config), "use_v2_model_runner", property(lambda self: True))
+    with pytest.raises(EngineConfigError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        check_engine_config(engine_config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import pytest
 
@@ -12,8 +11,16 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from mmshiftkv.registry import make_press  # noqa: E402
-from vllm_plugin.vllm_helpers import BLOCK_SIZE, BUDGET, engine, history_of, scheduler_of, selections_of  # noqa: E402
+from vllm_plugin import vllm_helpers as helpers  # noqa: E402
+from vllm_plugin.vllm_helpers import (  # noqa: E402
+    BLOCK_SIZE,
+    BUDGET,
+    assert_kept_as_transformers,
+    engine,
+    history_of,
+    scheduler_of,
+    selections_of,
+)
 
 #: Prompts of different lengths submitted together: two longer than one block, one within the budget.
 PROMPT_LENGTHS = (40, 70, 100, 12)
@@ -30,17 +37,7 @@ def prompts() -> list[list[int]]:
 
 
 def transformers_generate(model, prompt: list[int], press_name: str | None):
-    """The library's own path: greedy tokens and, under a press, its kept indices per layer."""
-    ids = torch.tensor([prompt])
-    if press_name is None:
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-        return out[0, len(prompt) :].tolist(), None
-    press = make_press(press_name, budget=BUDGET)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # short prompts warn that they stay uncompressed
-        with press(model):
-            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist(), press.stats
+    return helpers.transformers_generate(model, {"input_ids": torch.tensor([prompt])}, press_name, MAX_TOKENS)
 
 
 def vllm_generate(llm, batch: list[list[int]]) -> dict[str, list[int]]:
@@ -53,11 +50,24 @@ def vllm_generate(llm, batch: list[list[int]]) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def qwen2(model_dirs):
+def text_models(model_dirs):
+    """Per family: the saved folder and the transformers model (loaded once)."""
     from transformers import AutoModelForCausalLM
 
-    folder = model_dirs("qwen2")
-    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded = {}
+
+    def load(family: str):
+        if family not in loaded:
+            folder = model_dirs(family)
+            loaded[family] = folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return loaded[family]
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def qwen2(text_models):
+    return text_models("qwen2")
 
 
 def test_engine_without_press_matches_transformers(qwen2):
@@ -71,10 +81,17 @@ def test_engine_without_press_matches_transformers(qwen2):
 
 
 @pytest.mark.parametrize(
-    "press_name", ["shiftkv", "snapkv", "streaming_llm", "keydiff", "expected_attention", "last_attn"]
+    ("family", "press_name"),
+    [
+        *[
+            ("qwen2", press)
+            for press in ("shiftkv", "snapkv", "streaming_llm", "keydiff", "expected_attention", "last_attn")
+        ],
+        ("qwen3", "shiftkv"),  # queries through the per-head q_norm
+    ],
 )
-def test_press_matches_transformers_and_returns_blocks(qwen2, press_name):
-    folder, model = qwen2
+def test_press_matches_transformers_and_returns_blocks(text_models, family, press_name):
+    folder, model = text_models(family)
     batch = prompts()
     with engine(folder, press_name, max_model_len=BATCH_TOKENS, max_num_batched_tokens=BATCH_TOKENS) as llm:
         served = vllm_generate(llm, batch)
@@ -89,9 +106,7 @@ def test_press_matches_transformers_and_returns_blocks(qwen2, press_name):
         tokens, stats = transformers_generate(model, prompt, press_name)
         assert served[req_id] == tokens, f"request {i} ({len(prompt)} tokens)"
         if req_id in compacted:
-            for layer, kept in selections[req_id].items():
-                assert kept.shape == (2, BUDGET)
-                assert torch.equal(kept, stats.indices[layer][0, :, :BUDGET]), f"request {i} layer {layer}"
+            assert_kept_as_transformers(selections[req_id], stats, f"request {i}")
 
     # Blocks held, as vLLM's KV manager reports them after every step: the kept prompt plus the
     # generated tokens, rounded up to blocks; requests within the budget hold their whole prompt.
@@ -133,18 +148,36 @@ def test_preempted_requests_are_compacted_again(qwen2):
 def test_tensor_parallel_workers_each_compact_their_heads(qwen2, monkeypatch):
     from vllm import SamplingParams
 
+    from mmshiftkv.vllm.worker import OTHER_RANK_REASON
+
     folder, model = qwen2
-    batch = prompts()[:3]
+    nan_len = 30  # rank 1 alone scores NaN for this prompt: the request fails, reported by rank 0
+    batch = [*prompts()[:3], prompts()[0][:nan_len]]
+
+    def nan_on_rank_1(worker):
+        press = worker.model_runner.mmshiftkv_compactor.press
+        score = press.score
+
+        def faulty_score(module, hidden_states, keys, values, attentions, kwargs):
+            scores = score(module, hidden_states, keys, values, attentions, kwargs)
+            return scores * float("nan") if worker.rank == 1 and keys.shape[2] == nan_len else scores
+
+        press.score = faulty_score
+
     # Two worker processes (the plugin loads there through its entry point), one core each.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     options = dict(tensor_parallel_size=2, distributed_executor_backend="mp", max_model_len=BATCH_TOKENS)
     with engine(folder, "shiftkv", max_num_batched_tokens=BATCH_TOKENS, **options) as llm:
+        llm.collective_rpc(nan_on_rank_1)
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in batch], SamplingParams(max_tokens=8, temperature=0)
         )
         per_rank = llm.collective_rpc(lambda worker: worker.model_runner.mmshiftkv_compactor.selections)
         history = history_of(llm)
-    for output, prompt in zip(outputs, batch):
+    *served, failed = outputs
+    assert failed.outputs[0].finish_reason == "error"
+    assert failed.outputs[0].stop_reason == f"mmshiftkv: {OTHER_RANK_REASON}"
+    for output, prompt in zip(served, batch):
         tokens, stats = transformers_generate(model, prompt, "shiftkv")
         assert list(output.outputs[0].token_ids) == tokens[:8]
         (req_id,) = [r for r in per_rank[0] if r.split("-")[0] == output.request_id]
@@ -155,3 +188,22 @@ def test_tensor_parallel_workers_each_compact_their_heads(qwen2, monkeypatch):
         for record in history[output.request_id]:
             generated = record.tokens - record.prompt_len
             assert record.blocks == math.ceil((BUDGET + generated) / BLOCK_SIZE)
+
+
+def test_served_shiftkv_scores_with_the_compiled_op(qwen2):
+    """In vLLM's own torch, ShiftKV runs the compiled op (built for it by the venv's set-up), not the
+    torch reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmshiftkv.ops import available, compiled
+
+    assert available()["cpu"], compiled.LOAD_ERROR
+    folder, model = qwen2
+    prompt = prompts()[1]
+    options = dict(max_model_len=BATCH_TOKENS, max_num_batched_tokens=BATCH_TOKENS)
+    with engine(folder, "shiftkv", **options) as llm, profile(activities=[ProfilerActivity.CPU]) as profiler:
+        served = vllm_generate(llm, [prompt])
+    calls = {event.key: event.count for event in profiler.key_averages()}
+    # One call per decoder layer of the one compacted prompt.
+    assert calls.get("mmshiftkv::shiftkv_scores") == model.config.num_hidden_layers
+    assert served["0"] == transformers_generate(model, prompt, "shiftkv")[0]
