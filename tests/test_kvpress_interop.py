@@ -26,6 +26,7 @@ from mmshiftkv.presses import (  # noqa: E402
     ScoringState,
     ShiftKVPress,
     StreamingLLMPress,
+    VLCachePress,
 )
 
 BUDGET = 8
@@ -110,6 +111,32 @@ def test_our_press_inside_kvpress_keeps_kvpress_count_and_our_ranking(family: st
         top = scores.topk(n_kept, dim=-1).indices
         expected = keys.gather(2, top[..., None].expand(-1, -1, -1, keys.shape[-1]))
         torch.testing.assert_close(layer.keys, expected)
+
+
+def test_vlcache_inside_kvpress_on_a_text_model_ranks_by_its_own_scores(kvpress_own_hooks_run):
+    """kvpress's hooks give no token ids: a text model has no image tokens (VL-Cache uses its last
+    queries), so VLCachePress runs there, keeping kvpress's count and its own ranking."""
+    model, processor = tiny("llama")
+    inputs = make_inputs("llama", processor, [QUESTION])
+    seq_len = inputs["input_ids"].shape[1]
+    press = VLCachePress()
+    decoder = model.model
+    calls, plain = plain_prefill(model, inputs, decoder)
+    cache = prefill(model, inputs, to_kvpress(press, compression_ratio=0.5))
+    from mmshiftkv.models import get_adapter
+
+    state = ScoringState(
+        adapter=get_adapter(model),
+        positions=torch.arange(seq_len)[None],
+        image_mask=torch.zeros(1, seq_len, dtype=torch.bool),
+    )
+    for layer_idx, layer in enumerate(cache.layers):
+        keys, values = plain.layers[layer_idx].keys, plain.layers[layer_idx].values
+        module = decoder.layers[layer_idx].self_attn
+        with torch.no_grad(), press.scoring(state):
+            scores = press.score(module, calls[layer_idx][1], keys, values, None, {})
+        top = scores.topk(int(seq_len * 0.5), dim=-1).indices[..., None].expand(-1, -1, -1, keys.shape[-1])
+        torch.testing.assert_close(layer.keys, keys.gather(2, top))
 
 
 def test_our_press_runs_in_kvpress_adakv_wrapper_and_pipeline(kvpress_own_hooks_run):

@@ -105,7 +105,12 @@ class KVPressScorer(ScorerPress):
                 "kvpress wrappers that do not pass post_init_from_model on to their press "
                 "(CriticalAdaKVPress in kvpress 0.5.5) need `scorer.post_init_from_model(model)` first"
             )
-        state = ScoringState(adapter=self._adapter, positions=self._positions(module, hidden_states, kwargs))
+        state = ScoringState(
+            adapter=self._adapter,
+            positions=self._positions(module, hidden_states, kwargs),
+            # kvpress's hooks see embeddings only: a text model has no media tokens, a VLM's are unknown.
+            image_mask=self._adapter.media_mask(None, *hidden_states.shape[:2]),
+        )
         with self.press.scoring(state):
             scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
         # kvpress's AdaKV, CriticalAdaKV and LU-KV write into the scores in place: never hand them a
