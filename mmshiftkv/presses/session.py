@@ -10,6 +10,10 @@ What the hooks rely on is behaviour, not keyword names: the KV cache is the :cla
 forward's arguments, the prefill is the decoder forward that starts on an empty cache, positions
 are what the rotary embedding receives, padding is read off whatever mask the decoder gets (a 2-D
 padding mask, a 4-D mask or a dict of them, :mod:`mmshiftkv.cache.masks`).
+
+Refusals happen before the decoder's first layer runs wherever the reason is known by then (a
+cache that cannot be compressed, right padding, a chunked or assisted prefill inside ``generate``),
+so that a refused forward leaves a given cache as it was.
 """
 
 from __future__ import annotations
@@ -87,6 +91,19 @@ def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:
         )
     if not bool(key_mask.any(-1).all()):
         raise PressUsageError(f"{press_name}: a sample of the batch has no real token")
+
+
+def _forward_length(args: tuple, kwargs: dict, hidden_size: int) -> int | None:
+    """Tokens in a decoder forward: its input embeddings' or input ids' length; None when neither is found."""
+    values = [*args, *kwargs.values()]
+    for value in values:
+        embeds = isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 3
+        if embeds and value.shape[-1] == hidden_size:
+            return int(value.shape[1])
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+        return int(ids.shape[1])
+    return None
 
 
 def _attention_input(args: tuple, kwargs: dict, hidden_size: int) -> torch.Tensor:
@@ -265,11 +282,18 @@ class PressSession:
             ),
             input_ids=ids if prefill is not False else None,
         )
-        if prefill and self.press.asks_compression:
-            self._check_prefill(cache, kwargs)
+        if prefill:
+            length = _forward_length(args, kwargs, self.adapter.text_config.hidden_size)
+            if length is not None:
+                self._check_prompt_length(self.forward, length)
+            if self.press.asks_compression:
+                self._check_prefill(cache, kwargs)
 
     def _check_prefill(self, cache: Cache, kwargs: dict) -> None:
         check_compressible(cache, self.name)
+        key_mask = self.forward.state.key_mask if self.forward is not None else None
+        if key_mask is not None:
+            check_left_padding(key_mask, self.name)
         config = self.adapter.text_config
         if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
             raise PressUsageError(
@@ -348,8 +372,6 @@ class PressSession:
         if module is self.adapter.attention_modules[0]:
             self.prefills_seen += 1
             forward.state.image_mask = self.adapter.media_mask(forward.input_ids, *hidden_states.shape[:2])
-            if press.asks_compression and forward.state.key_mask is not None:
-                check_left_padding(forward.state.key_mask, self.name)
         with press.scoring(forward.state), self._scoring_layer(forward):
             press.compress_layer(module, hidden_states, forward.cache, attentions, kwargs)
         return output

@@ -1,0 +1,129 @@
+"""Copies that stay copies: reused presses, used presses, copied and pickled compressed caches.
+
+Oracles: a fresh press on the same weights, the untouched original, a fresh prefill and decode.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mmshiftkv.cache import CompressedLayer, GuardedCache, cache_argument, returned_cache
+from mmshiftkv.cache.compat import prompt_cache_argument
+from mmshiftkv.presses import SnapKVPress, UnsupportedCacheError
+from mmshiftkv.testing import QUESTION, make_inputs, tiny
+
+BUDGET = 8
+#: Fewer proxies than the paper's 512: the same code paths, a tenth of the time.
+SHIFTKV = dict(budget=BUDGET, n_proxies=64, n_groups=8)
+
+
+def prefill(model, inputs: dict, press) -> DynamicCache:
+    """The prompt cache compressed by ``press``, built the way the model builds its cache."""
+    argument = prompt_cache_argument(model)
+    with torch.no_grad(), press(model):
+        out = model(**inputs, **argument, use_cache=True)
+    return next(iter(argument.values())) if argument else returned_cache(out)
+
+
+def decode(model, cache, press, inputs: dict, token: int = 5) -> torch.Tensor:
+    """Logits of one more token after the prompt, read from ``cache`` under ``press``."""
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1)
+    step = {"input_ids": torch.full_like(inputs["input_ids"][:, :1], token), "attention_mask": mask}
+    with torch.no_grad(), press(model):
+        return model(**step, **cache_argument(model, cache)).logits[:, -1]
+
+
+def tensors_of(value) -> list[torch.Tensor]:
+    """Every tensor a cache holds (layers, buckets, linear-attention states), in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in tensors_of(value[key])]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in tensors_of(item)]
+    if hasattr(value, "__dict__") and not isinstance(value, type | nn.Module):
+        return tensors_of(vars(value))
+    return []
+
+
+def assert_same_cache(cache, snapshot) -> None:
+    mine, theirs = tensors_of(cache.layers), tensors_of(snapshot.layers)
+    assert len(mine) == len(theirs) > 0
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert cache.get_seq_length() == snapshot.get_seq_length()
+
+
+# ------------------------------------------------------------------------------ copied caches
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3-text", "qwen3.5-text"])
+def test_a_deep_copied_compressed_cache_is_an_independent_copy(family: str):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, [QUESTION])
+    press = SnapKVPress(budget=BUDGET)
+    if not prompt_cache_argument(model):  # Qwen3.5 on transformers 5.2: its own cache class, refused
+        with pytest.raises(UnsupportedCacheError):
+            prefill(model, inputs, press)
+        return
+    cache = prefill(model, inputs, press)
+    assert isinstance(cache, GuardedCache) and any(isinstance(x, CompressedLayer) for x in cache.layers)
+    untouched = copy.deepcopy(cache)
+    copied = copy.deepcopy(cache)
+    compressed = [layer for layer in copied.layers if isinstance(layer, CompressedLayer)]
+    assert all(layer.reader is model for layer in compressed)  # the same model, not a copy of it
+    # The copy decodes as a fresh prefill would (the real model reads it), and the original stays.
+    logits = decode(model, copied, press, inputs)
+    fresh = prefill(model, inputs, SnapKVPress(budget=BUDGET))
+    torch.testing.assert_close(logits, decode(model, fresh, press, inputs))
+    assert_same_cache(cache, untouched)
+    assert copied.get_seq_length() == cache.get_seq_length() + 1
+    # The copy's crop cuts the copy (atomically), never the original.
+    with pytest.raises(ValueError, match="compressed"):
+        copied.crop(-2)
+    assert copied.get_seq_length() == cache.get_seq_length() + 1
+    if family == "qwen2":  # layers without linear-attention state can be cropped back
+        copied.crop(-1)
+        assert copied.get_seq_length() == cache.get_seq_length()
+    assert_same_cache(cache, untouched)
+    # Pickled: a working cache again (its layers belong to no model object; the press's model reads it).
+    loaded = pickle.loads(pickle.dumps(cache))
+    assert isinstance(loaded, GuardedCache)
+    assert all(layer.reader is None for layer in loaded.layers if isinstance(layer, CompressedLayer))
+    torch.testing.assert_close(decode(model, loaded, press, inputs), logits)
+
+
+def test_prompt_reuse_recipe_with_generate():
+    """transformers' recipe: prefill a shared prefix once, deep-copy its cache for each continuation."""
+    model, tokenizer = tiny("qwen2")
+    prefix = make_inputs("qwen2", tokenizer, [QUESTION])
+    press = SnapKVPress(budget=BUDGET)
+    cache = prefill(model, prefix, press)
+    answers = []
+    for suffix in ([7, 8, 9], [10, 11]):
+        ids = torch.cat([prefix["input_ids"], torch.tensor([suffix])], 1)
+        with torch.no_grad(), press(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **cache_argument(model, copy.deepcopy(cache)),
+                max_new_tokens=3,
+                do_sample=False,
+            )
+        fresh = prefill(model, prefix, SnapKVPress(budget=BUDGET))  # the oracle: a new prefill each time
+        with torch.no_grad(), press(model):
+            expected = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **cache_argument(model, fresh),
+                max_new_tokens=3,
+                do_sample=False,
+            )
+        assert torch.equal(out, expected)
+        answers.append(out)
+    assert cache.get_seq_length() == prefix["input_ids"].shape[1]
