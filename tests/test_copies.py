@@ -15,8 +15,9 @@ from transformers import DynamicCache
 
 from mmshiftkv.cache import CompressedLayer, GuardedCache, cache_argument, returned_cache
 from mmshiftkv.cache.compat import prompt_cache_argument
-from mmshiftkv.presses import SnapKVPress, UnsupportedCacheError
-from mmshiftkv.testing import QUESTION, make_inputs, tiny
+from mmshiftkv.models import get_adapter
+from mmshiftkv.presses import ShiftKVPress, SnapKVPress, UnsupportedCacheError
+from mmshiftkv.testing import QUESTION, build_tiny_model, make_inputs, tiny
 
 BUDGET = 8
 #: Fewer proxies than the paper's 512: the same code paths, a tenth of the time.
@@ -57,6 +58,48 @@ def assert_same_cache(cache, snapshot) -> None:
     assert len(mine) == len(theirs) > 0
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
     assert cache.get_seq_length() == snapshot.get_seq_length()
+
+
+# ----------------------------------------------------------------------------------- reused presses
+
+
+def test_a_reused_shiftkv_press_notices_q_proj_weights_changed_through_data():
+    model, tokenizer = build_tiny_model("qwen2")  # its own: the test changes its weights
+    inputs = make_inputs("qwen2", tokenizer, [QUESTION])
+    adapter = get_adapter(model)
+    reused = ShiftKVPress(**SHIFTKV)
+    prefill(model, inputs, reused)
+    before = [indices.clone() for indices in reused.stats.indices]
+    kept = [entry.projected for entry in reused._noise_projections.values()]
+    prefill(model, inputs, reused)
+    # Unchanged weights: the kept projections serve the next prefill (nothing recomputed).
+    assert all(entry.projected is old for entry, old in zip(reused._noise_projections.values(), kept))
+
+    def changed_through_data(change) -> None:
+        versions = [m.q_proj.weight._version for m in adapter.attention_modules]
+        with torch.no_grad():
+            for module in adapter.attention_modules:
+                change(module.q_proj.weight.data)
+        assert [m.q_proj.weight._version for m in adapter.attention_modules] == versions  # unseen by it
+        prefill(model, inputs, reused)
+        fresh = ShiftKVPress(**SHIFTKV)
+        prefill(model, inputs, fresh)
+        assert all(torch.equal(a, b) for a, b in zip(reused.stats.indices, fresh.stats.indices))
+
+    changed_through_data(lambda weight: weight.mul_(-1))  # the case
+    assert any(not torch.equal(a, b) for a, b in zip(before, reused.stats.indices))
+    # A PEFT-style merge of a low-rank delta, and a small change of one weight.
+    delta = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    changed_through_data(lambda weight: weight.add_(0.5 * delta @ delta[: weight.shape[1]].T))
+    changed_through_data(lambda weight: weight[3, 5].add_(1e-4))
+    hidden = torch.randn(1, 20, 64, generator=torch.Generator().manual_seed(1))
+    for module in adapter.attention_modules:  # the proxies themselves, against a fresh press
+        torch.testing.assert_close(
+            reused.proxy_queries(adapter, module, hidden),
+            ShiftKVPress(**SHIFTKV).proxy_queries(adapter, module, hidden),
+            rtol=0,
+            atol=0,
+        )
 
 
 # ------------------------------------------------------------------------------ copied caches
