@@ -6,17 +6,20 @@ Oracles: a fresh press on the same weights, the untouched original, a fresh pref
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mmshiftkv.allocators import PyramidAllocator
 from mmshiftkv.cache import CompressedLayer, GuardedCache, cache_argument, returned_cache
 from mmshiftkv.cache.compat import prompt_cache_argument
 from mmshiftkv.models import get_adapter
-from mmshiftkv.presses import ShiftKVPress, SnapKVPress, UnsupportedCacheError
+from mmshiftkv.presses import PressUsageError, ShiftKVPress, SnapKVPress, UnsupportedCacheError
 from mmshiftkv.testing import QUESTION, build_tiny_model, make_inputs, tiny
 
 BUDGET = 8
@@ -100,6 +103,72 @@ def test_a_reused_shiftkv_press_notices_q_proj_weights_changed_through_data():
             rtol=0,
             atol=0,
         )
+
+
+# ----------------------------------------------------------------------------------- used presses
+
+
+def reachable(root, kind: type, limit: int = 10_000) -> list:
+    """Objects of ``kind`` reachable from ``root`` through attributes and containers."""
+    seen, found, stack = set(), [], [root]
+    while stack and len(seen) < limit:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, torch.Tensor | type | str | int | float):
+            continue
+        seen.add(id(value))
+        if isinstance(value, kind):
+            found.append(value)
+            continue
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple | set):
+            stack += list(value)
+        elif isinstance(value, weakref.WeakKeyDictionary):
+            stack += list(value.values())
+        elif hasattr(value, "__dict__"):
+            stack += list(vars(value).values())
+    return found
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ShiftKVPress(budget=BUDGET),
+        lambda: SnapKVPress(budget=BUDGET, window_size=4, allocator=PyramidAllocator(window=4)),
+    ],
+)
+def test_a_used_press_holds_no_model(make):
+    model, processor = build_tiny_model("qwen2.5-vl")
+    inputs = make_inputs("qwen2.5-vl", processor, [QUESTION])
+    press = make()
+    unused = len(pickle.dumps(press))
+    with torch.no_grad(), press(model):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    with pytest.raises(PressUsageError, match="output_attentions"), torch.no_grad(), press(model):
+        model.generate(**inputs, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    with pytest.raises(KeyError), torch.no_grad(), press(model):  # the caller's own error inside the block
+        model(**inputs, **prompt_cache_argument(model))
+        raise KeyError("boom")
+    assert not reachable(press, nn.Module)
+    # Pickled and deep-copied: the settings and the last statistics (a few ints per layer), no model.
+    assert len(pickle.dumps(press)) < unused + 2048
+    assert not reachable(copy.deepcopy(press), nn.Module)
+    model_alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert model_alive() is None
+
+
+def test_a_copied_press_selects_as_a_fresh_one_on_another_model():
+    model_a, tokenizer = tiny("qwen2")
+    model_b, _ = build_tiny_model("qwen2", seed=1)
+    inputs = make_inputs("qwen2", tokenizer, [QUESTION])
+    press = ShiftKVPress(**SHIFTKV)
+    prefill(model_a, inputs, press)
+    copied, fresh = copy.deepcopy(press), ShiftKVPress(**SHIFTKV)
+    prefill(model_b, inputs, copied)
+    prefill(model_b, inputs, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(copied.stats.indices, fresh.stats.indices))
 
 
 # ------------------------------------------------------------------------------ copied caches
