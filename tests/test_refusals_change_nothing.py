@@ -8,6 +8,7 @@ there would come after they were changed.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from test_copies import assert_same_cache, decode, prefill, tensors_of
 from mmshiftkv.cache import cache_argument, compressed_attention
 from mmshiftkv.cache.compat import prompt_cache_argument
 from mmshiftkv.presses import FullKVPress, PressUsageError, SnapKVPress
-from mmshiftkv.testing import QUESTION, build_tiny_model, make_inputs, tiny
+from mmshiftkv.testing import QUESTION, build_tiny_model, greedy, make_inputs, tiny
 
 BUDGET = 8
 #: Families whose cache holds uncompressed layers before the first compressed one (qwen2: made mixed).
@@ -90,3 +91,64 @@ def test_refused_prefills_leave_the_given_cache_empty(family: str):
             new = prompt_cache_argument(model)
             expected = model.generate(**inputs, **new, max_new_tokens=3, do_sample=False)
     assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+def test_another_thread_running_the_model_while_a_press_is_open_is_refused():
+    model, tokenizer = tiny("qwen2")
+    inputs = make_inputs("qwen2", tokenizer, [QUESTION])
+    with torch.no_grad():
+        plain = greedy(model, inputs)
+        with SnapKVPress(budget=BUDGET)(model):
+            compressed = greedy(model, inputs)
+    assert not torch.equal(plain, compressed)  # the press changes this model's answer
+    errors: list[BaseException] = []
+
+    def plain_generate_elsewhere() -> None:
+        for call in (lambda: greedy(model, inputs), lambda: model(**inputs)):
+            try:
+                with torch.no_grad():
+                    call()
+            except PressUsageError as error:
+                errors.append(error)
+
+    press = SnapKVPress(budget=BUDGET)
+    with press(model), torch.no_grad():
+        thread = threading.Thread(target=plain_generate_elsewhere, name="worker")
+        thread.start()
+        thread.join()
+        inside = greedy(model, inputs)  # the owner thread is unaffected
+    assert len(errors) == 2
+    assert all("opened in thread 'MainThread'" in str(e) and "'worker'" in str(e) for e in errors)
+    assert torch.equal(inside, compressed)
+    # After the block the other thread runs the plain model.
+    results: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: results.append(greedy(model, inputs)))
+    thread.start()
+    thread.join()
+    assert torch.equal(results[0], plain)
+
+
+def test_two_threads_each_with_its_own_model_and_press():
+    model_a, tokenizer = tiny("qwen2")
+    model_b, _ = build_tiny_model("qwen2", seed=1)
+    inputs = make_inputs("qwen2", tokenizer, [QUESTION])
+    expected = {}
+    for name, model in (("a", model_a), ("b", model_b)):
+        with torch.no_grad(), SnapKVPress(budget=BUDGET)(model):
+            expected[name] = greedy(model, inputs, max_new_tokens=8)
+    start, results = threading.Barrier(2), {}
+
+    def run(name: str, model) -> None:
+        start.wait()
+        with torch.no_grad(), SnapKVPress(budget=BUDGET)(model):
+            results[name] = greedy(model, inputs, max_new_tokens=8)
+
+    threads = [threading.Thread(target=run, args=item) for item in (("a", model_a), ("b", model_b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(results[name], expected[name]) for name in expected)

@@ -14,6 +14,11 @@ padding mask, a 4-D mask or a dict of them, :mod:`mmshiftkv.cache.masks`).
 Refusals happen before the decoder's first layer runs wherever the reason is known by then (a
 cache that cannot be compressed, right padding, a chunked or assisted prefill inside ``generate``),
 so that a refused forward leaves a given cache as it was.
+
+A session belongs to the thread that opened it: while it is open, running the model from another
+thread raises :class:`PressUsageError` before anything runs (the hooks and the generate guard are
+the model's, so that thread's forwards would otherwise be compressed, or mix their state with the
+owner's).
 """
 
 from __future__ import annotations
@@ -164,6 +169,8 @@ class PressSession:
             )
         self.adapter = get_adapter(model)
         self.model = model
+        #: The thread that opened the session: the only one whose forwards it sees.
+        self.thread = threading.current_thread()
         #: The forward in flight, set by the decoder pre-hook; None between forwards.
         self.forward: _Forward | None = None
         self.prefills_seen = 0
@@ -175,7 +182,8 @@ class PressSession:
             active = press._session
             if active is not None:
                 raise PressUsageError(
-                    f"this {self.name} is already active on a {type(active.model).__name__}; "
+                    f"this {self.name} is already active on a {type(active.model).__name__} "
+                    f"(opened in thread {active.thread.name!r}); "
                     "one press object compresses one model at a time "
                     "(create another press for a second model, and do not nest a press inside itself)"
                 )
@@ -241,13 +249,27 @@ class PressSession:
             )
 
     # ---------------------------------------------------------------- hooks
+    def _refuse_other_threads(self) -> None:
+        if threading.current_thread() is not self.thread:
+            raise PressUsageError(
+                f"{type(self.model).__name__} runs under a {self.name} opened in thread "
+                f"{self.thread.name!r}: while the press is open, the model runs only in that thread "
+                f"(this is thread {threading.current_thread().name!r}). "
+                "Run it there, or give this thread its own copy of the model"
+            )
+
+    def _in_owner_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the token ids the model is called with: a VLM's decoder sees only embeddings."""
+        self._refuse_other_threads()
         ids = kwargs.get("input_ids", args[0] if args else None)
         is_ids = isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point()
         self._model_input_ids = ids if is_ids else None
 
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._refuse_other_threads()
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         # No cache given: the decoder may build one itself (``model(..., use_cache=True)``); the first
@@ -322,6 +344,8 @@ class PressSession:
 
     def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Finish a prefill; refuse a cache the decoder built or used that is not a transformers ``Cache``."""
+        if not self._in_owner_thread():
+            return
         forward = self.forward
         if forward is not None and forward.prefill:
             self._finish_prefill(forward)
@@ -350,12 +374,14 @@ class PressSession:
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = self.forward
-        if forward is None or forward.prefill is False or forward.scoring:
+        if not self._in_owner_thread() or forward is None or forward.prefill is False or forward.scoring:
             return
         forward.state.positions = self.adapter.rotary_call_positions(args, kwargs)
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         forward = self.forward
+        if not self._in_owner_thread():
+            return output
         if forward is not None and forward.prefill is None:
             self._cache_built_inside(forward, module, args, kwargs)
         if forward is None or not forward.prefill:
@@ -408,6 +434,7 @@ class PressSession:
 
     def _guarded_generate(self, generate: Callable) -> Callable:
         def generate_under_press(*args, **kwargs):
+            self._refuse_other_threads()
             prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
             if prompt is None:
                 prompt = kwargs.get("inputs_embeds")
