@@ -152,3 +152,30 @@ def test_two_threads_each_with_its_own_model_and_press():
     for thread in threads:
         thread.join()
     assert all(torch.equal(results[name], expected[name]) for name in expected)
+
+
+# ------------------------------------------------------------------------------- prompt lookup
+
+
+def test_prompt_lookup_is_refused_only_when_the_first_forward_holds_candidates():
+    model, tokenizer = tiny("qwen2")
+    inputs = make_inputs("qwen2", tokenizer, [QUESTION])
+    lookup = dict(max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3, eos_token_id=0)
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), SnapKVPress(budget=BUDGET)(model):
+            expected = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=0)
+            forwards.clear()
+            # The prompt's last tokens do not recur in it: the first forward is the prompt alone.
+            out = model.generate(**inputs, **lookup)
+    finally:
+        hook.remove()
+    assert forwards[0] == inputs["input_ids"].shape[1]
+    assert any(n > 1 for n in forwards[1:]), "no candidates were verified: the test would prove nothing"
+    assert torch.equal(out, expected)  # verified candidates give the press's greedy output
+    repeated = {k: v.repeat(1, 2) for k, v in inputs.items()}  # the last n-gram recurs: candidates at once
+    with pytest.raises(PressUsageError, match="assisted / speculative"), SnapKVPress(budget=BUDGET)(model):
+        model.generate(**repeated, **lookup)
