@@ -214,6 +214,8 @@ def analyze_samples(
         ``per_layer`` and ``per_sample`` means
         (:func:`attention_coverage`).
     """
+    if not conversations:
+        raise ValueError("analyze_samples needs at least one conversation (conversations is empty)")
     shifts: list[list[Any]] = []
     per_step: dict[str, list[torch.Tensor]] = {name: [] for name in presses}
     for conversation in tqdm(conversations, desc="Fig. 1 samples", dynamic_ncols=True):
