@@ -138,6 +138,18 @@ def markdown_table(rows: list[dict[str, Any]], budgets: list[int], full: float) 
     return "\n".join(lines) + "\n"
 
 
+def fig1_analysis(model, processor, args: argparse.Namespace) -> dict:
+    """Fig. 1 (hidden-state shift, attention coverage) over ``--analysis-samples`` "read all" prompts."""
+    conversations = []
+    for index in range(args.analysis_samples):
+        sample = make_sample(args.seed, index, kind="read")
+        conversations.append(user_turn(sample.question, image=sample.image))
+    # 8 lead-in tokens + at least 3 symbols: every analysed decoding step is inside a real answer.
+    return analyze_samples(
+        model, processor, conversations, list(PRESSES), args.analysis_budget, max_new_tokens=11
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="4,8,16,32")
@@ -152,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
+    if args.analysis_samples < 0:
+        parser.error(f"--analysis-samples must be >= 0 (0: no Fig. 1 analysis), got {args.analysis_samples}")
     allocations = args.allocations.split(",")
     if unknown := set(allocations) - set(ALLOCATORS):
         parser.error(f"unknown allocation(s) {sorted(unknown)}; choose from {', '.join(ALLOCATORS)}")
@@ -209,14 +223,7 @@ def main() -> None:
             )
             print(f"{allocation:9s} {name:32s} B={budget:<3d} {100 * result.accuracy:5.1f}%", flush=True)
 
-    conversations = []
-    for index in range(args.analysis_samples):
-        sample = make_sample(args.seed, index, kind="read")
-        conversations.append(user_turn(sample.question, image=sample.image))
-    # 8 lead-in tokens + at least 3 symbols: every analysed decoding step is inside a real answer.
-    analysis = analyze_samples(
-        model, processor, conversations, list(PRESSES), args.analysis_budget, max_new_tokens=11
-    )
+    analysis = fig1_analysis(model, processor, args) if args.analysis_samples else None
 
     result_json = {
         "samples": args.samples,
@@ -225,7 +232,8 @@ def main() -> None:
         "mean_prompt_tokens": full.as_dict()["mean_prompt_tokens"],
         "full_kv": full.as_dict(),
         "rows": rows,
-        "fig1": {
+        "fig1": analysis
+        and {
             "questions": "read all items",
             "budget": analysis["budget"],
             "num_samples": analysis["num_samples"],
@@ -267,6 +275,7 @@ def main() -> None:
         report.plot_score_vs_budget(
             points, args.out / "accuracy_vs_budget.png", average=False, ylabel="exact match (%)"
         )
+    if not args.no_plot and analysis is not None:
         report.plot_hidden_state_shift(
             analysis["hidden_state_shift"], args.out / "fig1a_hidden_state_shift.png"
         )

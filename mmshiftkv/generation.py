@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from mmshiftkv.cache.compat import cache_argument
+from mmshiftkv.cache.compat import prompt_cache_argument
 from mmshiftkv.presses import BudgetedPress
 
 __all__ = [
@@ -136,7 +136,7 @@ def encode_messages(
     conversations: Sequence[list[dict]],
     device: torch.device | str | None = None,
     *,
-    images_per_prompt: bool = False,
+    images_per_prompt: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Chat-template and tokenize one conversation per sample into a left-padded batch.
 
@@ -152,9 +152,12 @@ def encode_messages(
         One chat (list of ``{"role", "content"}`` messages) per sample.
     device : torch.device or str, optional
         Where the returned tensors go (default: where the processor made them).
-    images_per_prompt : bool, default=False
-        Give the processor one list of images per prompt (SmolVLM and Gemma 3 refuse a flat list for
-        a batch; :func:`mmshiftkv.testing.chat_inputs` passes them so) instead of one flat list.
+    images_per_prompt : bool, optional
+        True: give the processor one list of images per prompt; False: one flat list. By default,
+        one list per prompt (SmolVLM and Gemma 3 refuse a flat list for a batch, the other
+        processors of the supported families take both), and one flat list where the processor
+        refuses the nested form (``ValueError`` or ``TypeError``); if it refuses both, the first
+        refusal is raised.
 
     Returns
     -------
@@ -168,13 +171,24 @@ def encode_messages(
     ]
     images = [_parts(conversation, "image") for conversation in conversations]
     videos = [video for conversation in conversations for video in _parts(conversation, "video")]
-    media: dict[str, Any] = {}
-    if any(images):
-        media["images"] = images if images_per_prompt else [image for per in images for image in per]
-    if videos:
-        media["videos"] = videos
+    flat = [image for per in images for image in per]
     processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, return_tensors="pt", padding=True, **media)
+
+    def encode(chosen: list) -> Any:
+        media = {"images": chosen} if flat else {}
+        media.update({"videos": videos} if videos else {})
+        return processor(text=texts, return_tensors="pt", padding=True, **media)
+
+    if not flat or images_per_prompt is not None:
+        inputs = encode(images if images_per_prompt is not False else flat)
+    else:
+        try:
+            inputs = encode(images)
+        except (ValueError, TypeError) as nested_refused:
+            try:
+                inputs = encode(flat)
+            except (ValueError, TypeError):
+                raise nested_refused from None
     return {k: v if device is None else v.to(device) for k, v in inputs.items()}
 
 
@@ -196,12 +210,14 @@ def generate_answers(
     with press(model) if press is not None else contextlib.nullcontext(), torch.no_grad():
         output = model.generate(
             **inputs,
-            **cache_argument(model, DynamicCache()),
+            **prompt_cache_argument(model),
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
     texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    if press is None:
+    # A press that keeps everything records nothing where the model built a cache of its own class
+    # (Qwen3.5 on transformers 5.2): the full cache's figures are the mask's.
+    if press is None or (not press.asks_compression and not press.stats.prompt_tokens):
         lengths = inputs["attention_mask"].sum(-1).tolist()
         return [
             {"generated": t, "prompt_tokens": int(n), "kept_tokens": float(n)} for t, n in zip(texts, lengths)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmshiftkv.cache.compat import cache_argument, returned_cache
-from mmshiftkv.evaluation.analysis import attention_coverage, hidden_state_shift
+from mmshiftkv.evaluation.analysis import analyze_samples, attention_coverage, hidden_state_shift
 from mmshiftkv.presses import FullKVPress, SnapKVPress, StreamingLLMPress
 from mmshiftkv.testing import QUESTION, make_inputs, tiny
 
@@ -70,3 +71,9 @@ def test_hidden_state_shift_prefill_statistics_match_the_layer_inputs():
             assert abs(shift.prefill_mean - float(attention_input.mean())) < 1e-5
             assert abs(shift.prefill_std - float(attention_input.std())) < 1e-4
             assert shift.decode_std > 0
+
+
+def test_analyze_samples_refuses_an_empty_list_of_conversations():
+    model, processor = tiny("qwen2.5-vl")
+    with pytest.raises(ValueError, match="conversations is empty"):
+        analyze_samples(model, processor, [], ["full"], budget=8)

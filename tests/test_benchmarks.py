@@ -99,3 +99,11 @@ def test_grounding_benchmark_reports_every_run(tmp_path: Path) -> None:
     assert report["fig1"]["coverage"]["full"]["mean"] == 1.0
     assert all(0 <= cov["mean"] <= 1 for cov in report["fig1"]["coverage"].values())
     assert (tmp_path / "head_scores.json").is_file() and (tmp_path / "table.md").is_file()
+
+
+def test_grounding_benchmark_without_the_fig1_analysis(tmp_path: Path) -> None:
+    args = ["--samples", "1", "--budgets", "8", "--allocations", "uniform", "--analysis-samples", "0"]
+    run_benchmark("bench_grounding.py", *args, "--no-plot", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["fig1"] is None and report["rows"]
+    assert not list(tmp_path.glob("fig1*.png"))

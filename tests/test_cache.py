@@ -26,7 +26,7 @@ from transformers.modeling_utils import AttentionInterface
 from mmshiftkv.cache import CompressedLayer, attention, compressed_attention, compressed_sdpa, find_cache
 from mmshiftkv.cache.attention import compressed_flash_varlen
 from mmshiftkv.cache.compat import crop_to
-from mmshiftkv.cache.compressed_layer import READING
+from mmshiftkv.cache.reading import READING
 from mmshiftkv.models import find_decoder
 from mmshiftkv.presses.selection import select_kept_indices
 

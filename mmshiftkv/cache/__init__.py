@@ -10,12 +10,14 @@ Typical use (a press does this for you)::
 
 from mmshiftkv.cache.attention import compressed_flash_varlen, compressed_sdpa, tail_visibility
 from mmshiftkv.cache.compat import cache_argument, crop_to, returned_cache
-from mmshiftkv.cache.compressed_layer import CompressedLayer, RowBucket, bucket_rows, make_crop_atomic
+from mmshiftkv.cache.compressed_layer import CompressedLayer, RowBucket, bucket_rows
 from mmshiftkv.cache.context import ATTENTION_PREFIX, compressed_attention, find_cache
+from mmshiftkv.cache.guard import GuardedCache, guard_cache
 
 __all__ = [
     "ATTENTION_PREFIX",
     "CompressedLayer",
+    "GuardedCache",
     "RowBucket",
     "bucket_rows",
     "cache_argument",
@@ -24,7 +26,7 @@ __all__ = [
     "compressed_flash_varlen",
     "compressed_sdpa",
     "find_cache",
-    "make_crop_atomic",
+    "guard_cache",
     "returned_cache",
     "tail_visibility",
 ]

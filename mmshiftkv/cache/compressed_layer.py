@@ -23,15 +23,18 @@ interleaved token-major in packed rows (``token * heads_per_row + head``), so an
 
 from __future__ import annotations
 
+import copy
 import functools
-import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from mmshiftkv.cache.reading import READING, reading_model
 
 
 @dataclass
@@ -118,18 +121,6 @@ def _owner_dtype(heads_per_row: int) -> torch.dtype:
     return torch.int8 if heads_per_row <= torch.iinfo(torch.int8).max else torch.int16
 
 
-class _Reading(threading.local):
-    """Per thread: the model whose attention layer is running, and how many ``compressed_attention``
-    contexts are open (code that drives a layer directly, like a benchmark, runs inside one)."""
-
-    model: nn.Module | None = None
-    contexts: int = 0
-
-
-#: Per thread, which model's mmshiftkv attention is reading a cache right now.
-READING = _Reading()
-
-
 @functools.cache
 def crop_takes_absolute_length() -> bool:
     """Whether this transformers' ``DynamicLayer.crop(n)`` takes a target length (True, before 5.16) or
@@ -151,7 +142,10 @@ class CompressedLayer(CacheLayerMixin):
     for the uncompressed cache. Attention must read it through
     :func:`mmshiftkv.cache.compressed_attention` of the model it was built for (``reader``):
     :meth:`update` refuses any other caller, since the model's own attention would silently attend
-    to the new tokens only.
+    to the new tokens only. The layer refers to that model weakly (it does not keep it alive); a
+    deep copy belongs to the same model (or to the model's copy when both are copied together), and
+    a pickled layer, loaded elsewhere, to no model object: any model inside ``compressed_attention``
+    may read it there.
 
     With uniform budgets (one dense bucket, no padding) :attr:`keys` / :attr:`values` are the
     familiar ``(batch, kv_heads, kept + generated, head_dim)`` tensors; head-wise layers have no
@@ -174,7 +168,7 @@ class CompressedLayer(CacheLayerMixin):
     ) -> None:
         self.buckets = buckets
         super().__init__()
-        self.reader = reader
+        self._reader = None if reader is None else weakref.ref(reader)
         self._prompt_lengths = prompt_lengths
         self.original_length = original_length
         self.generated_length = 0
@@ -402,6 +396,45 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return -1
 
+    # ---------------------------------------------------------------- reader
+    @property
+    def reader(self) -> nn.Module | None:
+        """The model whose compressed attention may read this layer; None: any model inside the context."""
+        return None if self._reader is None else self._reader()
+
+    def check_readable(self) -> None:
+        """Raise ``RuntimeError`` unless this thread runs the compressed attention of :attr:`reader` now."""
+        reading = reading_model()
+        if self._reader is None:
+            allowed = reading is not None or READING.contexts > 0
+        else:
+            allowed = reading is not None and reading is self._reader()
+        if not allowed:
+            raise RuntimeError(
+                "a CompressedLayer can only be read by mmshiftkv's attention "
+                "of the model it was compressed for: run that model inside `with press(model):` "
+                "or `with mmshiftkv.cache.compressed_attention(model):`"
+            )
+
+    def __copy__(self) -> CompressedLayer:
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict) -> CompressedLayer:
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        state = {name: value for name, value in self.__dict__.items() if name != "_reader"}
+        copied.__dict__.update(copy.deepcopy(state, memo))
+        reader = self.reader
+        # Copied together with its model (deepcopy((model, cache))): the copy belongs to the model's copy.
+        copied._reader = self._reader if id(reader) not in memo else weakref.ref(memo[id(reader)])
+        return copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled: the model object it belonged to does not exist where the layer is loaded.
+        return {**self.__dict__, "_reader": None}
+
     # ---------------------------------------------------------------- update
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a CompressedLayer is built with CompressedLayer.from_selection, never lazily")
@@ -427,17 +460,7 @@ class CompressedLayer(CacheLayerMixin):
         tuple of torch.Tensor
             The inputs, unchanged: the compressed attention reads the layer itself.
         """
-        reading = READING.model
-        if self.reader is None:
-            allowed = reading is not None or READING.contexts > 0
-        else:
-            allowed = reading is self.reader
-        if not allowed:
-            raise RuntimeError(
-                "a CompressedLayer can only be read by mmshiftkv's attention "
-                "of the model it was compressed for: run that model inside `with press(model):` "
-                "or `with mmshiftkv.cache.compressed_attention(model):`"
-            )
+        self.check_readable()
         batch, kv_heads, q_len, head_dim = key_states.shape
         if (batch, kv_heads, head_dim) != (self.batch_size, self.kv_heads, self.head_dim):
             raise ValueError(
@@ -569,24 +592,3 @@ class CompressedLayer(CacheLayerMixin):
             f"original_length={self.original_length}, generated={self.generated_length}, "
             f"buckets={len(self.buckets)})"
         )
-
-
-def make_crop_atomic(cache: Any) -> None:
-    """Make ``cache.crop`` check every :class:`CompressedLayer` before cropping any layer.
-
-    ``Cache.crop`` crops layer by layer; on a cache with uncompressed layers before a compressed one, a
-    crop into the compressed prompt would raise after having cut the uncompressed layers. The check
-    runs first, on the instance only (the class and other caches are untouched).
-    """
-    if getattr(cache.crop, "_mmshiftkv_atomic", False):
-        return
-    crop = cache.crop
-
-    def atomic_crop(length: int, *args: Any, **kwargs: Any) -> None:
-        for layer in cache.layers:
-            if isinstance(layer, CompressedLayer):
-                layer.check_crop(length)
-        crop(length, *args, **kwargs)
-
-    atomic_crop._mmshiftkv_atomic = True  # type: ignore[attr-defined]
-    cache.crop = atomic_crop

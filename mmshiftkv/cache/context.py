@@ -13,9 +13,11 @@ masks are unchanged; its attention function looks up the cache layer of the call
   implementation unchanged.
 
 The cache is found by type among the attention layer's arguments (transformers 5.24 renamed the
-keyword ``past_key_values`` to ``cache``), and while one of the model's attention layers runs, the
-thread records which model is reading, so that a :class:`CompressedLayer` refuses to be updated by
-any other model or outside the context.
+keyword ``past_key_values`` to ``cache``). While the model's forward (or one of its attention
+layers) runs, the thread records which model is reading (:mod:`mmshiftkv.cache.reading`), so that a
+:class:`CompressedLayer`, and a cache holding one, refuses to be changed by any other model or
+outside the context. What is recorded per forward is per thread: two threads may run models inside
+their own contexts at once.
 
 Nothing is patched at import; on exit (also after an exception) the configs, hooks and the
 registry state of the model are restored. Vision towers keep their own configs untouched.
@@ -38,7 +40,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from mmshiftkv.cache.attention import VarlenFunction, compressed_flash_varlen, compressed_sdpa
-from mmshiftkv.cache.compressed_layer import READING, CompressedLayer
+from mmshiftkv.cache.compressed_layer import CompressedLayer
+from mmshiftkv.cache.reading import READING
 
 ATTENTION_PREFIX = "mmshiftkv_"
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -48,7 +51,6 @@ SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attent
 class _ModuleState:
     delegate: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     flash_varlen: VarlenFunction | None
-    cache: Cache | None = None
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModuleState] = weakref.WeakKeyDictionary()
@@ -79,7 +81,8 @@ def compressed_attention_forward(
             f"{type(module).__name__} uses an mmshiftkv attention implementation outside "
             "`compressed_attention(model)`"
         )
-    layers = state.cache.layers if isinstance(state.cache, Cache) else []
+    cache = READING.caches.get(module)
+    layers = cache.layers if isinstance(cache, Cache) else []
     layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
     if not isinstance(layer, CompressedLayer):
         return state.delegate(
@@ -103,7 +106,7 @@ def compressed_attention_forward(
 
 def _enter_attention(model: nn.Module) -> Callable[..., None]:
     def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        _STATES[module].cache = find_cache(args, kwargs)
+        READING.caches[module] = find_cache(args, kwargs)
         READING.model = model
 
     return remember
@@ -111,6 +114,32 @@ def _enter_attention(model: nn.Module) -> Callable[..., None]:
 
 def _leave_attention(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
     READING.model = None
+    READING.caches.pop(module, None)
+
+
+def _enter_forward(model: nn.Module) -> Callable[..., None]:
+    def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        READING.forwards.append(model)
+
+    return enter
+
+
+def _leave_forward(model: nn.Module) -> Callable[..., None]:
+    def leave(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # Tolerant: a pre-hook that raised before ours leaves nothing to remove here.
+        if READING.forwards and READING.forwards[-1] is model:
+            READING.forwards.pop()
+
+    return leave
+
+
+def _forward_path(model: nn.Module, decoder: nn.Module) -> list[nn.Module]:
+    """``model``, the modules between it and ``decoder``, and ``decoder``: whichever a caller runs, the
+    decoder's layers run inside its forward."""
+    name = next((name for name, module in model.named_modules() if module is decoder), None)
+    parts = name.split(".") if name else []
+    path = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+    return path if decoder in path else [*path, decoder]
 
 
 def _register(original: str) -> str:
@@ -186,6 +215,11 @@ def compressed_attention(model: nn.Module) -> Iterator[nn.Module]:
     remember = _enter_attention(model)
     READING.contexts += 1
     try:
+        for module in _forward_path(model, decoder):
+            handles.append(module.register_forward_pre_hook(_enter_forward(model), with_kwargs=True))
+            handles.append(
+                module.register_forward_hook(_leave_forward(model), with_kwargs=True, always_call=True)
+            )
         for module in modules:
             _STATES[module] = _ModuleState(_delegate(module, original), flash_varlen)
             handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from mmshiftkv.cache.compat import cache_argument
+from mmshiftkv.cache.compat import prompt_cache_argument
 from mmshiftkv.evaluation.config import load_task_split
 from mmshiftkv.evaluation.tasks import get_task
 from mmshiftkv.generation import encode_messages, user_turn
@@ -145,7 +145,7 @@ def attention_coverage(
     adapter = get_adapter(model)
     seq_len = inputs["input_ids"].shape[1]
     with torch.no_grad(), press(model):
-        model(**inputs, **cache_argument(model, DynamicCache()))
+        model(**inputs, **prompt_cache_argument(model), use_cache=True)
     masks = [kept_mask(press, layer, seq_len) for layer in range(adapter.n_layers)]
 
     with eager_attention(model), torch.no_grad():
@@ -214,6 +214,8 @@ def analyze_samples(
         ``per_layer`` and ``per_sample`` means
         (:func:`attention_coverage`).
     """
+    if not conversations:
+        raise ValueError("analyze_samples needs at least one conversation (conversations is empty)")
     shifts: list[list[Any]] = []
     per_step: dict[str, list[torch.Tensor]] = {name: [] for name in presses}
     for conversation in tqdm(conversations, desc="Fig. 1 samples", dynamic_ncols=True):

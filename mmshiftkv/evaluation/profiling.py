@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 from transformers.initialization import no_init_weights
 
-from mmshiftkv.cache.compat import cache_argument, returned_cache
+from mmshiftkv.cache.compat import prompt_cache_argument, returned_cache
 from mmshiftkv.evaluation import report
 from mmshiftkv.generation import load_model
 from mmshiftkv.presses import BudgetedPress
@@ -223,7 +223,7 @@ def profile_point(
             output = model.generate(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
-                **cache_argument(model, DynamicCache()),
+                **prompt_cache_argument(model),
                 max_new_tokens=decode_tokens,
                 min_new_tokens=decode_tokens,
                 do_sample=False,

@@ -90,8 +90,10 @@ def build_model(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VLForC
     """A freshly initialised grounding model whose vocabulary matches ``processor``'s tokenizer."""
     tokenizer = processor.tokenizer
     token_ids = qwen_vl_token_ids(tokenizer)
+    # The text config's own bos/eos default to Qwen's 151643/151645, outside this vocabulary.
+    text_ids = dict(bos_token_id=None, eos_token_id=token_ids["eos_token_id"])
     config = Qwen2_5_VLConfig(
-        text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer)),
+        text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer), **text_ids),
         vision_config=VISION_CONFIG,
         **token_ids,
     )
@@ -99,6 +101,7 @@ def build_model(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VLForC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = token_ids["eos_token_id"]
     model.generation_config.pad_token_id = token_ids["pad_token_id"]
     return model

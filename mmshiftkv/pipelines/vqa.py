@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, DynamicCache, Pipeline, ProcessorMixin
+from transformers import AutoModelForImageTextToText, Pipeline, ProcessorMixin
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from mmshiftkv.cache import cache_argument, crop_to
+from mmshiftkv.cache import cache_argument, returned_cache
+from mmshiftkv.cache.compat import prompt_cache_argument
 from mmshiftkv.generation import generate_answers
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.presses.errors import UnsupportedCacheError
 from mmshiftkv.presses.full_kv import FullKVPress
 from mmshiftkv.validation import check_int
 
@@ -119,11 +122,13 @@ class KVPressVQAPipeline(Pipeline):
     ``pipe(images=img, question="...", press=ShiftKVPress(budget=64), max_new_tokens=64)``
     compresses the whole prompt (image + question) at prefill, exactly like ``model.generate``
     under the press. With ``questions=[q1, q2, ...]`` the image prompt up to the question is
-    prefilled and compressed once; each question is then appended to the compressed cache, answered
-    greedily, and the cache is cropped back to the compressed prompt before the next one (no
-    re-prefill). ``images`` may be a PIL image, a path, or a list of them (one multi-image prompt).
-    A list of such requests (dicts with ``images`` and ``question``/``questions``) is answered in
-    left-padded batches of ``batch_size``.
+    prefilled and compressed once; each question is then appended to a copy of the compressed
+    cache and answered greedily (no re-prefill; a copy rather than a crop back, since the state of
+    sliding-window and linear-attention layers cannot be cut back). ``images`` may be a PIL image,
+    a path, or a list of them (one multi-image prompt). A list of such requests (dicts with
+    ``images`` and ``question``/``questions``) is answered in groups of ``batch_size``: the
+    one-question requests of a group in one left-padded batch, the others one by one, each as it
+    would be answered alone.
 
     Returns a dict (a list of dicts for a list of requests) with ``answer`` (single question) or
     ``answers``, ``prompt_tokens``, ``image_tokens``, ``kept_per_head`` (per layer, per KV head),
@@ -147,19 +152,34 @@ class KVPressVQAPipeline(Pipeline):
             raise TypeError("kv-press-vqa needs the model's multimodal processor: pass processor=...")
         self._check_processor_matches_model()
 
+    def _config_token(self, *names: str) -> int | None:
+        config = self.model.config
+        return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
+    def media_token_ids(self) -> list[int]:
+        """The ids the model's config gives its image and video placeholder tokens: the soft tokens the
+        vision features replace (Gemma 3's image soft token, not its begin-of-image token)."""
+        image = self._config_token("image_token_id", "image_token_index")
+        video = self._config_token("video_token_id", "video_token_index")
+        return [token for token in (image, video) if token is not None]
+
     def _check_processor_matches_model(self) -> None:
+        """The processor must expand an image into the token the model's config names: one is encoded."""
         tokenizer = self.processor.tokenizer
-        image_token = getattr(self.processor, "image_token", None)
-        config_id = getattr(self.model.config, "image_token_id", None)
-        if config_id is None:
-            config_id = getattr(self.model.config, "image_token_index", None)
-        text_vocab = self.model.get_input_embeddings().num_embeddings
-        if image_token is None or tokenizer.convert_tokens_to_ids(image_token) != config_id:
+        image_id = self._config_token("image_token_id", "image_token_index")
+        probe = VQARequest(images=[Image.new("RGB", (64, 64), (127, 127, 127))], questions=["?"])
+        try:
+            ids = self.encode([probe], [self.prompt_text(probe, "?")])["input_ids"]
+            expanded, reason = bool((ids == image_id).any()), f"its image prompt holds no token {image_id}"
+        except (ValueError, TypeError, KeyError) as error:
+            expanded, reason = False, f"it cannot encode an image prompt ({type(error).__name__}: {error})"
+        if image_id is None or not expanded:
             raise ValueError(
-                f"the processor ({type(self.processor).__name__}, image token {image_token!r}) does not "
-                f"match the model ({type(self.model).__name__}, image token id {config_id}): "
-                "pass the processor saved with this checkpoint"
+                f"the processor ({type(self.processor).__name__}) does not match the model "
+                f"({type(self.model).__name__}, image token id {image_id}): {reason}. "
+                "Pass the processor saved with this checkpoint"
             )
+        text_vocab = self.model.get_input_embeddings().num_embeddings
         if len(tokenizer) > text_vocab:
             raise ValueError(
                 f"the processor's tokenizer has {len(tokenizer)} tokens but the model's embedding only "
@@ -241,25 +261,37 @@ class KVPressVQAPipeline(Pipeline):
     def _answer(
         self, requests: list[VQARequest], press: BudgetedPress, max_new_tokens: int
     ) -> list[VQAAnswer]:
-        n_questions = {len(request.questions) for request in requests}
-        if n_questions == {1}:
-            texts = [self.prompt_text(request, request.questions[0]) for request in requests]
-            inputs = self.encode(requests, texts)
+        """Answers in the order of ``requests``: one-question requests batched, the others one by one."""
+        answers: dict[int, VQAAnswer] = {}
+        single = [i for i, request in enumerate(requests) if len(request.questions) == 1]
+        if single:
+            batch = [requests[i] for i in single]
+            texts = [self.prompt_text(request, request.questions[0]) for request in batch]
+            inputs = self.encode(batch, texts)
             rows = generate_answers(self.model, self.processor, inputs, press, max_new_tokens)
-            return [self._facts(press, inputs, b, [row["generated"].strip()]) for b, row in enumerate(rows)]
-        return [self._answer_several(request, press, max_new_tokens) for request in requests]
+            for b, (i, row) in enumerate(zip(single, rows)):
+                answers[i] = self._facts(press, inputs, b, [row["generated"].strip()])
+        for i, request in enumerate(requests):
+            if i not in answers:
+                answers[i] = self._answer_several(request, press, max_new_tokens)
+        return [answers[i] for i in range(len(requests))]
 
     def _answer_several(self, request: VQARequest, press: BudgetedPress, max_new_tokens: int) -> VQAAnswer:
         template = self.prompt_text(request, QUESTION_MARK)
         context_text, suffix_template = template.split(QUESTION_MARK)
         context = self.encode([request], [context_text])
         tokenizer = self.processor.tokenizer
-        cache = DynamicCache()
         answers = []
         with press(self.model), torch.no_grad():
-            self.model(**context, **cache_argument(self.model, cache), use_cache=True)
+            output = self.model(**context, **prompt_cache_argument(self.model), use_cache=True)
+            prompt_cache = returned_cache(output)
+            if prompt_cache is None:
+                raise UnsupportedCacheError(
+                    f"{type(self.model).__name__} returned no transformers Cache (a model-specific cache "
+                    "class of this transformers release), which several questions on one prefill need: "
+                    "ask one question per request"
+                )
             facts = self._facts(press, context, 0, [])
-            context_len = context["input_ids"].shape[1]
             for question in request.questions:
                 suffix = tokenizer(question + suffix_template, add_special_tokens=False, return_tensors="pt")
                 input_ids = torch.cat(
@@ -268,14 +300,13 @@ class KVPressVQAPipeline(Pipeline):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    **cache_argument(self.model, cache),
+                    **cache_argument(self.model, copy.deepcopy(prompt_cache)),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                 )
                 answers.append(
                     tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
                 )
-                crop_to(cache, context_len)
         facts.answers = answers
         return facts
 
@@ -284,18 +315,13 @@ class KVPressVQAPipeline(Pipeline):
         config = self.adapter.text_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         token_bytes = 2 * head_dim * self.model.dtype.itemsize
-        prompt_tokens = stats.prompt_tokens[sample]
-        config = self.model.config
-        media_tokens = [
-            token
-            for token in (
-                getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None),
-                getattr(config, "video_token_id", None) or getattr(config, "video_token_index", None),
-            )
-            if token is not None
-        ]
+        if stats.prompt_tokens:
+            prompt_tokens, kept = stats.prompt_tokens[sample], stats.kept[:, sample, :]
+        else:  # a press keeping everything on a cache of the model's own class records nothing
+            prompt_tokens = int(inputs["attention_mask"][sample].sum())
+            kept = torch.full((self.adapter.n_layers, self.adapter.n_kv_heads), prompt_tokens)
+        media_tokens = self.media_token_ids()
         ids = inputs["input_ids"][sample]
-        kept = stats.kept[:, sample, :]
         return VQAAnswer(
             answers=answers,
             prompt_tokens=prompt_tokens,

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Cache
 
 from mmshiftkv.allocators.base import Allocator
-from mmshiftkv.cache import CompressedLayer, make_crop_atomic
+from mmshiftkv.cache import CompressedLayer, guard_cache
 from mmshiftkv.presses.deferred import DeferredLayers
 from mmshiftkv.presses.errors import CompressionSkippedWarning
 from mmshiftkv.presses.selection import select_kept_indices
@@ -229,7 +229,7 @@ class BudgetedPress:
         indices, lengths = self.select(scores, counts)
         compressed = self.kept_layer(layer.keys, layer.values, indices, lengths, scores)
         cache.layers[layer_idx] = compressed
-        make_crop_atomic(cache)
+        guard_cache(cache)
         return ordinal, n_tokens, lengths, indices, before, compressed.nbytes
 
     def select(self, scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

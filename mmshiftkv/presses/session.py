@@ -10,6 +10,15 @@ What the hooks rely on is behaviour, not keyword names: the KV cache is the :cla
 forward's arguments, the prefill is the decoder forward that starts on an empty cache, positions
 are what the rotary embedding receives, padding is read off whatever mask the decoder gets (a 2-D
 padding mask, a 4-D mask or a dict of them, :mod:`mmshiftkv.cache.masks`).
+
+Refusals happen before the decoder's first layer runs wherever the reason is known by then (a
+cache that cannot be compressed, right padding, a chunked or assisted prefill inside ``generate``),
+so that a refused forward leaves a given cache as it was.
+
+A session belongs to the thread that opened it: while it is open, running the model from another
+thread raises :class:`PressUsageError` before anything runs (the hooks and the generate guard are
+the model's, so that thread's forwards would otherwise be compressed, or mix their state with the
+owner's).
 """
 
 from __future__ import annotations
@@ -89,6 +98,19 @@ def check_left_padding(key_mask: torch.Tensor, press_name: str) -> None:
         raise PressUsageError(f"{press_name}: a sample of the batch has no real token")
 
 
+def _forward_length(args: tuple, kwargs: dict, hidden_size: int) -> int | None:
+    """Tokens in a decoder forward: its input embeddings' or input ids' length; None when neither is found."""
+    values = [*args, *kwargs.values()]
+    for value in values:
+        embeds = isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 3
+        if embeds and value.shape[-1] == hidden_size:
+            return int(value.shape[1])
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+        return int(ids.shape[1])
+    return None
+
+
 def _attention_input(args: tuple, kwargs: dict, hidden_size: int) -> torch.Tensor:
     """The attention layer's input hidden states, found by shape rather than by keyword."""
     candidates: Iterable[Any] = [*args, kwargs.get("hidden_states"), *kwargs.values()]
@@ -147,6 +169,8 @@ class PressSession:
             )
         self.adapter = get_adapter(model)
         self.model = model
+        #: The thread that opened the session: the only one whose forwards it sees.
+        self.thread = threading.current_thread()
         #: The forward in flight, set by the decoder pre-hook; None between forwards.
         self.forward: _Forward | None = None
         self.prefills_seen = 0
@@ -158,7 +182,8 @@ class PressSession:
             active = press._session
             if active is not None:
                 raise PressUsageError(
-                    f"this {self.name} is already active on a {type(active.model).__name__}; "
+                    f"this {self.name} is already active on a {type(active.model).__name__} "
+                    f"(opened in thread {active.thread.name!r}); "
                     "one press object compresses one model at a time "
                     "(create another press for a second model, and do not nest a press inside itself)"
                 )
@@ -224,13 +249,27 @@ class PressSession:
             )
 
     # ---------------------------------------------------------------- hooks
+    def _refuse_other_threads(self) -> None:
+        if threading.current_thread() is not self.thread:
+            raise PressUsageError(
+                f"{type(self.model).__name__} runs under a {self.name} opened in thread "
+                f"{self.thread.name!r}: while the press is open, the model runs only in that thread "
+                f"(this is thread {threading.current_thread().name!r}). "
+                "Run it there, or give this thread its own copy of the model"
+            )
+
+    def _in_owner_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the token ids the model is called with: a VLM's decoder sees only embeddings."""
+        self._refuse_other_threads()
         ids = kwargs.get("input_ids", args[0] if args else None)
         is_ids = isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point()
         self._model_input_ids = ids if is_ids else None
 
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._refuse_other_threads()
         cache = find_cache(args, kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         # No cache given: the decoder may build one itself (``model(..., use_cache=True)``); the first
@@ -265,11 +304,18 @@ class PressSession:
             ),
             input_ids=ids if prefill is not False else None,
         )
-        if prefill and self.press.asks_compression:
-            self._check_prefill(cache, kwargs)
+        if prefill:
+            length = _forward_length(args, kwargs, self.adapter.text_config.hidden_size)
+            if length is not None:
+                self._check_prompt_length(self.forward, length)
+            if self.press.asks_compression:
+                self._check_prefill(cache, kwargs)
 
     def _check_prefill(self, cache: Cache, kwargs: dict) -> None:
         check_compressible(cache, self.name)
+        key_mask = self.forward.state.key_mask if self.forward is not None else None
+        if key_mask is not None:
+            check_left_padding(key_mask, self.name)
         config = self.adapter.text_config
         if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
             raise PressUsageError(
@@ -298,6 +344,8 @@ class PressSession:
 
     def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Finish a prefill; refuse a cache the decoder built or used that is not a transformers ``Cache``."""
+        if not self._in_owner_thread():
+            return
         forward = self.forward
         if forward is not None and forward.prefill:
             self._finish_prefill(forward)
@@ -326,12 +374,14 @@ class PressSession:
 
     def _rotary_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         forward = self.forward
-        if forward is None or forward.prefill is False or forward.scoring:
+        if not self._in_owner_thread() or forward is None or forward.prefill is False or forward.scoring:
             return
         forward.state.positions = self.adapter.rotary_call_positions(args, kwargs)
 
     def _attention_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         forward = self.forward
+        if not self._in_owner_thread():
+            return output
         if forward is not None and forward.prefill is None:
             self._cache_built_inside(forward, module, args, kwargs)
         if forward is None or not forward.prefill:
@@ -348,8 +398,6 @@ class PressSession:
         if module is self.adapter.attention_modules[0]:
             self.prefills_seen += 1
             forward.state.image_mask = self.adapter.media_mask(forward.input_ids, *hidden_states.shape[:2])
-            if press.asks_compression and forward.state.key_mask is not None:
-                check_left_padding(forward.state.key_mask, self.name)
         with press.scoring(forward.state), self._scoring_layer(forward):
             press.compress_layer(module, hidden_states, forward.cache, attentions, kwargs)
         return output
@@ -386,6 +434,7 @@ class PressSession:
 
     def _guarded_generate(self, generate: Callable) -> Callable:
         def generate_under_press(*args, **kwargs):
+            self._refuse_other_threads()
             prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
             if prompt is None:
                 prompt = kwargs.get("inputs_embeds")

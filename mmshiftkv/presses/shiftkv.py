@@ -24,6 +24,34 @@ DEFAULT_BUDGET = 64
 STATS_CHUNK_ELEMENTS = 1 << 20
 
 
+def weight_fingerprint(weight: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W 1, W probe)`` of a ``(out, in)`` weight, ``(out,)`` each: the row sums accumulated in float32
+    (also the projection's ``W 1``) and the product with a random ``(in,)`` probe in the weight's dtype.
+
+    Two reductions over the weight, no copy of it. A change of the weight goes unseen only if it keeps
+    every row's float32 sum and every row's product with the probe to the weight's precision.
+    """
+    return weight.sum(1, dtype=torch.float32), torch.mv(weight, probe)
+
+
+def _seeded(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass
+class _ProjectedNoise:
+    """One layer's ``(W 1, W z)``, with what they were computed from (see ``ShiftKVPress.proxy_queries``)."""
+
+    tag: tuple
+    #: ``(hidden,)`` random direction in the weight's dtype, and ``W probe`` of the weight used.
+    probe: torch.Tensor
+    weighted: torch.Tensor
+    row_sums: torch.Tensor
+    projected: torch.Tensor
+
+
 @dataclass(kw_only=True)
 class ShiftKVPress(BudgetedPress):
     """MM-ShiftKV (ACL 2026 Findings, Sec. 3.2, Alg. 1, App. B).
@@ -216,7 +244,13 @@ class ShiftKVPress(BudgetedPress):
         per layer and kept on the press, ``n_proxies x q_out`` floats in the model dtype per layer
         (3.7 MB per layer, 103 MB in all, for Qwen2.5-VL-7B in bfloat16). The result equals the
         direct projection up to rounding (the direct one rounds each proxy to the model dtype
-        before the GEMM). ``q_proj`` weights changed in place are noticed by their version counter.
+        before the GEMM). A changed ``q_proj`` weight (in place, through ``.data`` as PEFT merges
+        write, or a new tensor) is noticed at the next prefill by its fingerprint
+        (:func:`weight_fingerprint`: its float32 row sums and its product with a fixed random
+        vector, two reductions over the weight: 0.2% of one Qwen2.5-VL-7B layer's 1024-token CPU
+        prefill in float32, 0.7% in bfloat16, ``benchmarks/bench_fingerprint.py``). Unseen is only
+        a change below the rounding of both (one float32 step of one weight, which moves the proxies
+        by rounding too) or a rearrangement within a row that keeps both.
 
         Returns
         -------
@@ -237,23 +271,28 @@ class ShiftKVPress(BudgetedPress):
     def _projected_noise(self, projection: nn.Linear, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W 1, W z)`` of a layer's query projection: ``(q_out,)`` float32, ``(n_proxies, q_out)``."""
         weight = projection.weight
-        tag = (weight.device, weight.data_ptr(), weight._version, weight.dtype)
-        tag += (layer_idx, self.seed, self.n_proxies)
+        tag = (weight.device, weight.dtype, tuple(weight.shape), layer_idx, self.seed, self.n_proxies)
         cached = self._noise_projections.get(projection)
-        if cached is None or cached[0] != tag:
-            with torch.no_grad():
-                noise = self.standard_noise(layer_idx, weight.shape[1], weight.device).to(weight.dtype)
-                cached = (tag, weight.float().sum(1), nn.functional.linear(noise, weight))
-            self._noise_projections[projection] = cached
-        return cached[1], cached[2]
+        with torch.no_grad():
+            if cached is not None and cached.tag == tag:
+                row_sums, weighted = weight_fingerprint(weight, cached.probe)
+                if torch.equal(row_sums, cached.row_sums) and torch.equal(weighted, cached.weighted):
+                    return cached.row_sums, cached.projected
+            device, hidden = weight.device, weight.shape[1]
+            noise = self.standard_noise(layer_idx, hidden, device).to(weight.dtype)
+            probe = torch.randn(hidden, generator=_seeded(device, layer_idx), device=device).to(weight.dtype)
+            row_sums, weighted = weight_fingerprint(weight, probe)
+            projection_of_noise = nn.functional.linear(noise, weight)
+            cached = _ProjectedNoise(tag, probe, weighted, row_sums, projection_of_noise)
+        self._noise_projections[projection] = cached
+        return cached.row_sums, cached.projected
 
     def standard_noise(self, layer_idx: int, hidden: int, device: torch.device) -> torch.Tensor:
         """The layer's fixed standard-normal draws ``z``, ``(n_proxies, hidden)`` float32.
 
         From a private generator seeded by ``seed`` and ``layer_idx``: the user's RNG is untouched.
         """
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 100_003 + layer_idx)
+        generator = _seeded(device, self.seed * 100_003 + layer_idx)
         return torch.randn(self.n_proxies, hidden, generator=generator, device=device)
 
     def prompt_statistics(
