@@ -27,6 +27,13 @@ def check_int(value: object, name: str, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_pooling_kernel(value: object, name: str = "kernel_size") -> None:
+    """Raise unless ``value`` is a positive odd int: an average-pooling kernel centred on each token."""
+    check_int(value, name, minimum=1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd number, got {value}")
+
+
 def check_real(value: object, name: str) -> None:
     """Raise unless ``value`` is a finite real number (an int or a float, not a bool, NaN or inf).
 

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from mmshiftkv.presses.attention import mean_over_query_groups, prompt_query_attention
 from mmshiftkv.presses.base import BudgetedPress
-from mmshiftkv.validation import check_int
+from mmshiftkv.validation import check_int, check_pooling_kernel
 
 
 @dataclass(kw_only=True)
@@ -37,9 +37,7 @@ class SnapKVPress(BudgetedPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self.window_size, "window_size", minimum=1)
-        check_int(self.kernel_size, "kernel_size", minimum=1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        check_pooling_kernel(self.kernel_size)
 
     def score(
         self,
