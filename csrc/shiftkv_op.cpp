@@ -1,5 +1,6 @@
 // Schema of mmshiftkv::shiftkv_scores and the Python module mmshiftkv._C whose import registers it.
 // The CPU and CUDA kernels register themselves in shiftkv_cpu.cpp and shiftkv_cuda.cu.
+// shiftkv_logit_max (CPU only) runs the CPU op's logits GEMM alone, reduced to each row's maximum.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -8,6 +9,7 @@ TORCH_LIBRARY(mmshiftkv, m) {
       "shiftkv_scores(Tensor proxies, Tensor keys, Tensor last_query, Tensor? key_mask, int n_groups, "
       "float tau, float scaling, float anchor_weight, bool anchor_in_groups, str coverage, "
       "bool exclude_last_key) -> Tensor");
+  m.def("shiftkv_logit_max(Tensor queries, Tensor keys, float scaling) -> Tensor");
 }
 
 #if defined(MMSHIFTKV_WITH_CUDA)
