@@ -2,10 +2,11 @@
 
     pip install --no-build-isolation -e .
 
-The CPU kernel is always built; its per-logit part (csrc/shiftkv_cpu_kernels.cpp) is compiled once
-per CPU capability, as ATen compiles its own kernels (DEFAULT everywhere, AVX2 and AVX512 on
-x86-64), and the op picks one at run time from ATen's capability (ATEN_CPU_CAPABILITY). The CUDA kernel is built when torch is a CUDA build and a CUDA
-toolkit is found; FORCE_CUDA=1 makes it mandatory (a missing toolkit is an error), FORCE_CUDA=0
+The CPU kernel is always built; its GEMM and per-logit part (csrc/shiftkv_cpu_kernels.cpp) is
+compiled once per CPU capability with ATen's flags and macros, as ATen compiles its own kernels
+(DEFAULT everywhere, AVX2 and AVX512 on x86-64), and the op picks one at run time from ATen's
+capability (which ATEN_CPU_CAPABILITY sets). The CUDA kernel is built when torch is a CUDA build and
+a CUDA toolkit is found; FORCE_CUDA=1 makes it mandatory (a missing toolkit is an error), FORCE_CUDA=0
 skips it. The toolkit root comes from CUDA_HOME, else from the `nvcc` on PATH, which may be a
 wrapper script naming the real compiler (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`).
 TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
@@ -17,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -118,29 +120,34 @@ def _extensions() -> list:
                 **options,
             )
         ]
-    return [CppExtension(sources=sources, define_macros=macros, extra_compile_args={"cxx": CXX_FLAGS}, **options)]
+    arguments = {"define_macros": macros, "extra_compile_args": {"cxx": CXX_FLAGS}}
+    return [CppExtension(sources=sources, **arguments, **options)]
 
 
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildWithCpuKernels(BuildExtension):
-        """Compiles the CPU kernels once per CPU capability (own flags and macros) and links them in."""
+        """Compiles the CPU kernels once per CPU capability (own flags and macros, in parallel) and
+        links every copy into the extension."""
+
+        def _compile_kernels(self, ext, capability: str) -> list[str]:
+            macros = [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)]
+            flags = [*ext.extra_compile_args["cxx"], *CPU_CAPABILITY_FLAGS[capability]]
+            return self.compiler.compile(
+                [str(CPU_KERNELS.resolve())],
+                output_dir=os.path.join(self.build_temp, f"cpu_{capability.lower()}"),
+                macros=[*ext.define_macros, *macros],
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": flags, "nvcc": []},
+                depends=ext.depends,
+            )
 
         def build_extension(self, ext) -> None:
-            cxx = ext.extra_compile_args["cxx"]
-            objects = []
-            for capability in _cpu_capabilities():
-                macros = [*ext.define_macros, ("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)]
-                objects += self.compiler.compile(
-                    [str(CPU_KERNELS.resolve())],
-                    output_dir=os.path.join(self.build_temp, f"cpu_{capability.lower()}"),
-                    macros=macros,
-                    include_dirs=ext.include_dirs,
-                    extra_postargs={"cxx": [*cxx, *CPU_CAPABILITY_FLAGS[capability]], "nvcc": []},
-                    depends=ext.depends,
-                )
-            ext.extra_objects = [*ext.extra_objects, *(obj for obj in objects if obj not in ext.extra_objects)]
+            with ThreadPoolExecutor() as pool:
+                compiled = pool.map(lambda isa: self._compile_kernels(ext, isa), _cpu_capabilities())
+                objects = [obj for objs in compiled for obj in objs if obj not in ext.extra_objects]
+            ext.extra_objects = [*ext.extra_objects, *objects]
             super().build_extension(ext)
 
     return BuildWithCpuKernels.with_options(use_ninja=shutil.which("ninja") is not None)

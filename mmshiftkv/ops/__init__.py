@@ -69,15 +69,17 @@ def shiftkv_scores(
     Numerics
     --------
     The torch backend computes everything in float64. The compiled op computes the logits by
-    matrix multiplication with float32 accumulation (CPU: a float32 GEMM through ATen; CUDA:
-    cuBLAS through ATen, float16/bfloat16 inputs on tensor cores with float32 output, float32
-    inputs in float32 unless TF32 is enabled for matmuls), over blocks of query rows so extra
-    memory stays O(n_groups * seq_len) per KV head; the softmax and the group masses in float32;
-    and the sums that decide a vote (a group's total and tail masses) in float64. Its masses are
-    within ``delta = mass_margin(...)`` (relative, :mod:`mmshiftkv.ops.precision`: about
-    ``2 * (head_dim + 2) * 2**-23 * scaling * max|q| * max|k|`` from the logits plus
-    ``(r * g + 16) * 2**-24``) plus ``2**-100`` (absolute, float32 underflow) of the float64
-    reference's. Hence:
+    matrix multiplication with float32 accumulation, over blocks of query rows so extra memory
+    stays O(n_groups * seq_len) per KV head: on the CPU its own GEMM kernels (float32 FMAs; for
+    bfloat16 inputs on CPUs with AVX512-BF16, bfloat16 dot products accumulating in float32, see
+    :func:`mmshiftkv.ops.compiled.cpu_kernel`), compiled per ATen CPU capability and picked from
+    ``torch.backends.cpu.get_cpu_capability()``; on CUDA cuBLAS through ATen (float16/bfloat16
+    inputs on tensor cores with float32 output, float32 inputs in float32 unless TF32 is enabled
+    for matmuls). The softmax and the group masses are float32, and the sums that decide a vote (a
+    group's total and tail masses) float64. Its masses are within ``delta = mass_margin(...)``
+    (relative, :mod:`mmshiftkv.ops.precision`: ``expm1(2 * logit_error)``, the logit error about
+    ``2 * (head_dim + 2) * 2**-24 * scaling * max|q| * max|k|``, plus ``(r * g + 16) * 2**-24``) plus
+    ``2**-100`` (absolute, float32 underflow) of the float64 reference's. Hence:
 
     * where the reference's masses are within that margin of a tie at a group's coverage boundary
       (the last voted against the first unvoted token) or of the tau boundary (a tail mass against
