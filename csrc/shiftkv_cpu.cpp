@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "shiftkv_checks.h"
@@ -34,6 +35,9 @@ namespace {
 constexpr int64_t kBlockFloats = int64_t{1} << 17;  // 512 KiB of float32 logits per row block
 constexpr int64_t kMaxBlockRows = 192;
 constexpr int64_t kPackGrain = 16;  // panels per packing task
+constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics' shift
+constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
+constexpr int64_t kMaxMomentChunks = 64;
 
 // The kernels for ATen's CPU capability (at::get_cpu_capability() honours ATEN_CPU_CAPABILITY).
 const cpu::Kernels& cpu_kernels() {
@@ -253,6 +257,59 @@ at::Tensor shiftkv_logit_max_cpu(const at::Tensor& queries, const at::Tensor& ke
   return maxima;
 }
 
+// Mean and unbiased variance (float32) of (tokens, hidden) states: over every element, (1,) each, or
+// per column, (hidden,) each. One pass summing float64 deviations from the first rows' mean, in
+// fixed row chunks combined in order (the result does not depend on the thread count).
+std::tuple<at::Tensor, at::Tensor> prompt_moments_cpu(const at::Tensor& states, bool per_feature) {
+  TORCH_CHECK(states.dim() == 2 && states.size(0) > 0 && states.size(1) > 0,
+              "prompt_moments: states must be a non-empty (tokens, hidden) matrix, got ", states.sizes());
+  const auto dtype = states.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "prompt_moments: states must be float16, bfloat16 or float32, got ", dtype);
+  const at::Tensor values = states.contiguous();
+  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
+                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
+                                                       : cpu::StateType::kHalf;
+  const cpu::Kernels& kernels = cpu_kernels();
+  const int64_t rows = values.size(0);
+  const int64_t cols = values.size(1);
+  const int64_t width = per_feature ? cols : 1;
+  const void* data = values.data_ptr();
+
+  // The shift: the mean of the first rows (per column, or over their elements).
+  const int64_t shift_rows = std::min<int64_t>(rows, kMomentShiftRows);
+  std::vector<double> zero(width, 0.0), shift(width, 0.0), unused(width, 0.0);
+  kernels.shifted_moments(type, data, cols, 0, shift_rows, zero.data(), per_feature, shift.data(), unused.data());
+  const double shift_count = static_cast<double>(per_feature ? shift_rows : shift_rows * cols);
+  for (double& value : shift) value /= shift_count;
+
+  const int64_t chunk = std::max(kMomentChunkRows, (rows + kMaxMomentChunks - 1) / kMaxMomentChunks);
+  const int64_t n_chunks = (rows + chunk - 1) / chunk;
+  std::vector<double> partial(2 * n_chunks * width, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double* sums = partial.data() + 2 * c * width;
+      kernels.shifted_moments(type, data, cols, c * chunk, std::min(rows, (c + 1) * chunk), shift.data(),
+                              per_feature, sums, sums + width);
+    }
+  });
+  const double count = static_cast<double>(per_feature ? rows : rows * cols);
+  at::Tensor mean = at::empty({width}, values.options().dtype(at::kFloat));
+  at::Tensor variance = at::empty({width}, values.options().dtype(at::kFloat));
+  for (int64_t w = 0; w < width; ++w) {
+    double first = 0.0;
+    double second = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      first += partial[2 * c * width + w];
+      second += partial[(2 * c + 1) * width + w];
+    }
+    mean.data_ptr<float>()[w] = static_cast<float>(shift[w] + first / count);
+    const double spread = (second - first * first / count) / std::max(count - 1.0, 1.0);
+    variance.data_ptr<float>()[w] = static_cast<float>(std::max(spread, 0.0));
+  }
+  return {mean, variance};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
@@ -264,6 +321,7 @@ TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
 TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
   m.impl("shiftkv_scores", &shiftkv_scores_cpu);
   m.impl("shiftkv_logit_max", &shiftkv_logit_max_cpu);
+  m.impl("prompt_moments", &prompt_moments_cpu);
 }
 
 }  // namespace mmshiftkv

@@ -11,12 +11,15 @@
 // 3. one pass per slot: the probability sum over the slot's rows, column tiles in registers.
 #include "shiftkv_cpu_kernels.h"
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 #include "shiftkv_vote.h"
 
@@ -454,6 +457,100 @@ void vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int
   }
 }
 
+// count (1..kLanes) elements as floats; the rest of the vector is zero.
+template <typename T>
+inline Vec load_floats(const T* data, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(data, static_cast<int>(count));
+  } else {
+    Vec out;
+    if (count == kLanes) {
+      at::vec::load_to_float(data, out);
+      return out;
+    }
+    T padded[kLanes] = {};
+    std::copy(data, data + count, padded);
+    at::vec::load_to_float(padded, out);
+    return out;
+  }
+}
+
+// Deviations from the shift in float64 (exact), added into the running sums and squares.
+struct DeviationSums {
+  DoubleVec sum_low{0.0}, sum_high{0.0}, square_low{0.0}, square_high{0.0};
+  void add(const DoubleVec& d_low, const DoubleVec& d_high) {
+    sum_low = sum_low + d_low;
+    sum_high = sum_high + d_high;
+    square_low = at::vec::fmadd(d_low, d_low, square_low);
+    square_high = at::vec::fmadd(d_high, d_high, square_high);
+  }
+};
+
+template <typename T>
+void shifted_moments_of(const T* states, int64_t cols, int64_t row_begin, int64_t row_end, const double* shift,
+                        bool per_column, double* sums, double* squares) {
+  constexpr int kHalf = DoubleVec::size();
+  if (!per_column) {
+    const DoubleVec offset(shift[0]);
+    DeviationSums acc;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const T* values = states + row * cols;
+      int64_t c = 0;
+      for (; c + kLanes <= cols; c += kLanes) {
+        DoubleVec low, high;
+        to_doubles(load_floats(values + c, kLanes), low, high);
+        acc.add(low - offset, high - offset);
+      }
+      if (c < cols) {  // the row's tail: lanes past it hold 0 - shift, masked out
+        const int count = static_cast<int>(cols - c);
+        DoubleVec low, high;
+        to_doubles(load_floats(values + c, count), low, high);
+        const DoubleVec zero(0.0);
+        acc.add(DoubleVec::set(zero, low - offset, std::min(count, kHalf)),
+                DoubleVec::set(zero, high - offset, std::max(count - kHalf, 0)));
+      }
+    }
+    alignas(64) double lanes[2 * kHalf];
+    (acc.sum_low + acc.sum_high).store(lanes);
+    (acc.square_low + acc.square_high).store(lanes + kHalf);
+    for (int l = 0; l < kHalf; ++l) {
+      sums[0] += lanes[l];
+      squares[0] += lanes[kHalf + l];
+    }
+    return;
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* values = states + row * cols;
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, cols - c));
+      DoubleVec low, high;
+      to_doubles(load_floats(values + c, count), low, high);
+      for (const auto& [half, first] : {std::pair{low, c}, std::pair{high, c + kHalf}}) {
+        const int n = static_cast<int>(std::clamp<int64_t>(c + count - first, 0, kHalf));
+        if (n == 0) continue;
+        const DoubleVec d = half - DoubleVec::loadu(shift + first, n);
+        (DoubleVec::loadu(sums + first, n) + d).store(sums + first, n);
+        at::vec::fmadd(d, d, DoubleVec::loadu(squares + first, n)).store(squares + first, n);
+      }
+    }
+  }
+}
+
+void shifted_moments(StateType type, const void* states, int64_t cols, int64_t row_begin, int64_t row_end,
+                     const double* shift, bool per_column, double* sums, double* squares) {
+  switch (type) {
+    case StateType::kBFloat16:
+      return shifted_moments_of(static_cast<const c10::BFloat16*>(states), cols, row_begin, row_end, shift,
+                                per_column, sums, squares);
+    case StateType::kHalf:
+      return shifted_moments_of(static_cast<const c10::Half*>(states), cols, row_begin, row_end, shift, per_column,
+                                sums, squares);
+    case StateType::kFloat:
+      return shifted_moments_of(static_cast<const float*>(states), cols, row_begin, row_end, shift, per_column,
+                                sums, squares);
+  }
+}
+
 }  // namespace
 
 #define MMSHIFTKV_ISA_NAME_DEFAULT "default"
@@ -476,6 +573,7 @@ const Kernels& MMSHIFTKV_PASTE(kernels_, CPU_CAPABILITY)() {
       &logit_max,
       &sum_masses_below,
       &vote_masses,
+      &shifted_moments,
   };
   return kernels;
 }

@@ -22,6 +22,9 @@ enum class LogitType : int32_t {
   kBFloat16 = 1,  // bfloat16 rows and keys, bfloat16 GEMM with float32 accumulation
 };
 
+// Element types of the prompt states whose moments the kernels sum.
+enum class StateType : int32_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
 struct HeadLogits {
   LogitType type;
   const void* rows;
@@ -71,6 +74,12 @@ struct Kernels {
   // (shiftkv_vote.h) for t < n, with the same float64 operations.
   void (*vote_masses)(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
                       int64_t group_size, bool anchor_in_groups, float* mass);
+
+  // Adds the float64 sums of d = x - shift and d^2 over rows [row_begin, row_end) of a row-major
+  // (rows, cols) matrix: per column into sums[c], squares[c] with shift[c] (per_column), else over
+  // every element into sums[0], squares[0] with shift[0]. d is exact (computed in float64).
+  void (*shifted_moments)(StateType type, const void* states, int64_t cols, int64_t row_begin, int64_t row_end,
+                          const double* shift, bool per_column, double* sums, double* squares);
 };
 
 const Kernels& kernels_DEFAULT();

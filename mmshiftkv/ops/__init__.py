@@ -1,6 +1,7 @@
 """ShiftKV scoring: the compiled op (``torch.ops.mmshiftkv.shiftkv_scores``) and its torch reference.
 
-:func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs.
+:func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs;
+:func:`prompt_moments` gives the prompt statistics the proxies are drawn from.
 The reference's building blocks (:func:`group_attention_mass`, :func:`votes_from_mass`) are exported
 for ablations such as ranking by summed mass instead of votes.
 """
@@ -14,11 +15,13 @@ import torch
 from mmshiftkv.ops.checks import check_anchor_weight, check_scoring_inputs, check_vote_parameters
 from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, available, runs_on, shiftkv_scores_compiled
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference, votes_from_mass
+from mmshiftkv.ops.statistics import prompt_moments
 
 __all__ = [
     "BACKENDS",
     "available",
     "group_attention_mass",
+    "prompt_moments",
     "shiftkv_scores",
     "shiftkv_scores_reference",
     "votes_from_mass",
