@@ -345,6 +345,24 @@ def test_margin_is_what_the_docstring_states() -> None:
     assert mass_margin(proxies, keys, last, n_groups=2, scaling=0.5) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_of_exact_logits_within_the_float32_share_of_the_margin(dtype: torch.dtype) -> None:
+    # One query row, one proxy (r * g = 1) and logits from 0 to -100 that any GEMM computes exactly
+    # (key = 8 x e_1, query e_1, scale 1/8): the anchor term is then the op's float32 exp,
+    # normalisation and mass alone, each token's within (1 + 16) * 2^-24 of exp's, or under ZERO_FLOOR.
+    keys = torch.zeros(1, 1, 801, 64, dtype=dtype)
+    keys[0, 0, :, 0] = -torch.arange(801.0)  # bfloat16 rounds the larger ones: still exact products
+    query = torch.zeros(1, 1, 64, dtype=dtype)
+    query[0, 0, 0] = 1.0
+    proxies = query[:, :, None].clone()
+    options = {"n_groups": 1, "tau": 1e-6, "scaling": 0.125, "anchor_weight": 1.0}
+    scores = shiftkv_scores(proxies, keys, query, backend="compiled", **options)
+    probabilities = torch.softmax(keys[0, 0, :, 0].double() / 8, dim=0)
+    anchor = scores[0, 0].double() - (torch.arange(801) == 0).double()  # token 0 takes the one vote
+    bound = (1 + 16) * UNIT_ROUNDOFF * probabilities + ZERO_FLOOR + 2**-24 * scores[0, 0].double()
+    assert bool(((anchor - probabilities).abs() <= bound).all())
+
+
 def test_all_padding_sample_and_single_token() -> None:
     generator = torch.Generator().manual_seed(3)
     proxies = torch.randn(2, 2, 4, 64, generator=generator)
