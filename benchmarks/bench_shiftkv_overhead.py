@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
@@ -62,15 +63,24 @@ def qwen25vl_7b_layer(dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
         return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def timed(function: Callable[[], object], device: str) -> float:
-    """Seconds of one call, the device's queued work included."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Clock:
+    """Times calls on ``device``: wall time, or (``cpu_time``) the process's CPU time, which with one
+    thread is immune to other jobs taking turns on the cores (with more it adds up every thread's)."""
+
+    device: str
+    cpu_time: bool = False
+
+    def time(self, function: Callable[[], object]) -> float:
+        """Seconds of one call, the device's queued work included."""
+        now = time.process_time if self.cpu_time else time.perf_counter
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = now()
+        function()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return now() - start
 
 
 def gemm_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
@@ -83,13 +93,13 @@ def gemm_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
 class LogitsGemms:
     """The bare logits GEMMs of one layer's N proxies (7 query heads per KV head) at T keys."""
 
-    def __init__(self, length: int, n_proxies: int, dtype: torch.dtype, device: str) -> None:
+    def __init__(self, length: int, n_proxies: int, dtype: torch.dtype, clock: Clock) -> None:
         generator = torch.Generator().manual_seed(0)
         rows = torch.randn(KV_HEADS, HEADS_PER_KV * n_proxies, HEAD_DIM, generator=generator)
         keys = torch.randn(KV_HEADS, length, HEAD_DIM, generator=generator)
-        self.rows, self.keys = rows.to(device, dtype), keys.to(device, dtype)
-        self.logits = torch.empty(FLOOR_BLOCK_ROWS, length, device=device, dtype=dtype)
-        self.device = device
+        self.rows, self.keys = rows.to(clock.device, dtype), keys.to(clock.device, dtype)
+        self.logits = torch.empty(FLOOR_BLOCK_ROWS, length, device=clock.device, dtype=dtype)
+        self.clock = clock
 
     def aten(self) -> float:
         """In blocks of FLOOR_BLOCK_ROWS rows into one reused buffer (one unblocked GEMM would mostly
@@ -100,7 +110,7 @@ class LogitsGemms:
                 for block in head_rows.split(FLOOR_BLOCK_ROWS):
                     torch.mm(block, head_keys.t(), out=self.logits[: block.shape[0]])
 
-        return timed(run, self.device)
+        return self.clock.time(run)
 
     def op(self) -> float:
         """The op's own GEMM stage (CPU), same rows and keys."""
@@ -109,13 +119,13 @@ class LogitsGemms:
             for head_rows, head_keys in zip(self.rows, self.keys):
                 compiled.logit_max(head_rows, head_keys, HEAD_DIM**-0.5)
 
-        return timed(run, self.device)
+        return self.clock.time(run)
 
 
 class OpTimer:
     """Adds up the seconds spent in ``ops.shiftkv_scores`` (which ShiftKVPress calls) while active."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.seconds, self.active = 0.0, False
         op = ops.shiftkv_scores
 
@@ -128,7 +138,7 @@ class OpTimer:
                 nonlocal result
                 result = op(*args, **kwargs)
 
-            self.seconds += timed(call, device)
+            self.seconds += clock.time(call)
             return result
 
         ops.shiftkv_scores = timed_op
@@ -139,7 +149,7 @@ class ScoringTimer:
     more on the same inputs, each followed by the ``between`` measurements."""
 
     def __init__(
-        self, press, repeats: int, device: str, between: dict[str, Callable[[], float]], op_timer: OpTimer
+        self, press, repeats: int, clock: Clock, between: dict[str, Callable[[], float]], op_timer: OpTimer
     ) -> None:
         self.press, self.first_s, self.seconds, self.op_seconds = press, 0.0, [], []
         self.between: dict[str, list[float]] = {name: [] for name in between}
@@ -152,10 +162,10 @@ class ScoringTimer:
                 nonlocal result
                 result = score(*args, **kwargs)
 
-            self.first_s = timed(call, device)
+            self.first_s = clock.time(call)
             for _ in range(repeats):
                 op_timer.seconds, op_timer.active = 0.0, True
-                self.seconds.append(timed(call, device))
+                self.seconds.append(clock.time(call))
                 op_timer.active = False
                 self.op_seconds.append(op_timer.seconds)
                 for name, measure in between.items():
@@ -169,30 +179,30 @@ class ScoringTimer:
             model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
 
 
-def plain_prefill(model, embeds: torch.Tensor, device: str) -> float:
+def plain_prefill(model, embeds: torch.Tensor, clock: Clock) -> float:
     def run() -> None:
         with torch.no_grad():
             model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
 
-    return timed(run, device)
+    return clock.time(run)
 
 
-def measure(model, length: int, dtype: torch.dtype, repeats: int, device: str, op_timer: OpTimer) -> dict:
+def measure(model, length: int, dtype: torch.dtype, repeats: int, clock: Clock, op_timer: OpTimer) -> dict:
     generator = torch.Generator().manual_seed(length)
-    embeds = torch.randn(1, length, 3584, generator=generator).to(device, dtype)
-    plain_prefill(model, embeds[:, :WARMUP_TOKENS], device)  # warm-up: allocator, thread pool
+    embeds = torch.randn(1, length, 3584, generator=generator).to(clock.device, dtype)
+    plain_prefill(model, embeds[:, :WARMUP_TOKENS], clock)  # warm-up: allocator, thread pool
     shiftkv = ShiftKVPress(budget=BUDGET)
-    gemms = LogitsGemms(length, shiftkv.n_proxies, gemm_dtype(dtype, device), device)
-    between = {"floor": gemms.aten} | ({"op_gemm": gemms.op} if device == "cpu" else {})
+    gemms = LogitsGemms(length, shiftkv.n_proxies, gemm_dtype(dtype, clock.device), clock)
+    between = {"floor": gemms.aten} | ({"op_gemm": gemms.op} if clock.device == "cpu" else {})
     for measure_gemms in between.values():  # warm-up: the BLAS's first call
         measure_gemms()
     timers = {
-        "shiftkv": ScoringTimer(shiftkv, repeats, device, between, op_timer),
-        "snapkv": ScoringTimer(SnapKVPress(budget=BUDGET), repeats, device, {}, op_timer),
+        "shiftkv": ScoringTimer(shiftkv, repeats, clock, between, op_timer),
+        "snapkv": ScoringTimer(SnapKVPress(budget=BUDGET), repeats, clock, {}, op_timer),
     }
     for timer in timers.values():
         timer.prefill(model, embeds)
-    prefill_s = plain_prefill(model, embeds, device)
+    prefill_s = plain_prefill(model, embeds, clock)
 
     entry = {"prompt_tokens": length, "repeats": repeats, "prefill_s": round(prefill_s, 4)}
     entry["first_scoring_s"] = round(timers["shiftkv"].first_s, 4)
@@ -225,18 +235,25 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=5, help="scoring calls per press after the first")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time CPU seconds (with --threads 1)")
     args = parser.parse_args()
+    if args.cpu_time and (args.threads != 1 or args.device != "cpu"):
+        raise SystemExit("--cpu-time measures one CPU thread: use it with --threads 1 --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = Clock(args.device, args.cpu_time)
     if args.device == "cuda" and not ops.available()["cuda"]:
         raise SystemExit("the compiled op has no CUDA kernel here: build it with a CUDA toolkit on a GPU")
 
     dtypes = args.dtypes.split(",")
-    op_timer = OpTimer(args.device)
+    op_timer = OpTimer(clock)
     results = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         model = qwen25vl_7b_layer(dtype, args.device)
         for length in (int(n) for n in args.lengths.split(",")):
-            entry = measure(model, length, dtype, args.repeats, args.device, op_timer)
+            entry = measure(model, length, dtype, args.repeats, clock, op_timer)
             results.append({"dtype": dtype_name, **entry})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         del model
@@ -246,6 +263,7 @@ def main() -> None:
         "budget": BUDGET,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
+        "clock": "process CPU time" if args.cpu_time else "wall",
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "op_cpu_kernel": {name: compiled.cpu_kernel(getattr(torch, name)) for name in dtypes},
         "backend": ops.available(),
