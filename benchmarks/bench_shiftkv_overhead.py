@@ -18,7 +18,9 @@ median ``scoring_s``. Interleaved with ShiftKV's calls, in the same repeat:
 Ratios: ``scoring_over_floor`` (ShiftKV / ``logits_floor_s``), ``scoring_over_op_gemm``, and
 ``scoring_over_fastest_gemm`` against the faster of the two GEMMs; ``op_s`` is the part of
 ``scoring_s`` spent in the op (``ops.shiftkv_scores``), ``op_over_floor`` its ratio. The report
-names the ATen CPU capability and the op's CPU kernel for each dtype. The paper's released code
+names the ATen CPU capability and the op's CPU kernel for each dtype. The op's votes in ShiftKV's
+last call are checked against the float64 reference on the same inputs (``votes_differing``, and
+``votes_differing_beyond_margin``, which must be 0). The paper's released code
 adds +23% to prefill at 32K.
 
     python benchmarks/bench_shiftkv_overhead.py --lengths 1024,4096,16384 --dtypes float32,bfloat16
@@ -38,12 +40,13 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from mmshiftkv import ShiftKVPress, SnapKVPress, ops
-from mmshiftkv.ops import compiled
+from mmshiftkv.ops import compiled, precision
 
 BUDGET = 64
 FLOOR_BLOCK_ROWS = 256
 KV_HEADS, HEADS_PER_KV, HEAD_DIM = 4, 7, 128
 WARMUP_TOKENS = 128
+MASS_OPTIONS = ("n_groups", "scaling", "key_mask", "anchor_in_groups", "exclude_last_key")
 
 
 def qwen25vl_7b_layer(dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
@@ -123,10 +126,11 @@ class LogitsGemms:
 
 
 class OpTimer:
-    """Adds up the seconds spent in ``ops.shiftkv_scores`` (which ShiftKVPress calls) while active."""
+    """Adds up the seconds spent in ``ops.shiftkv_scores`` (which ShiftKVPress calls) while active,
+    and keeps the last timed call's inputs and scores for :func:`vote_agreement`."""
 
     def __init__(self, clock: Clock) -> None:
-        self.seconds, self.active = 0.0, False
+        self.seconds, self.active, self.last_call = 0.0, False, None
         op = ops.shiftkv_scores
 
         def timed_op(*args, **kwargs):
@@ -139,6 +143,7 @@ class OpTimer:
                 result = op(*args, **kwargs)
 
             self.seconds += clock.time(call)
+            self.last_call = (args, kwargs, result)
             return result
 
         ops.shiftkv_scores = timed_op
@@ -177,6 +182,30 @@ class ScoringTimer:
     def prefill(self, model, embeds: torch.Tensor) -> None:
         with torch.no_grad(), self.press(model):
             model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
+
+
+def vote_agreement(args: tuple, options: dict, scores: torch.Tensor) -> dict:
+    """The op's votes in the press's last call against the float64 reference's, on the same inputs.
+
+    ``votes_differing`` counts the (KV head, token) pairs whose vote count differs;
+    ``votes_differing_beyond_margin`` those where it differs by more than the groups the stated
+    margin (``ops.precision.mass_margin``) leaves uncertain (``ops.precision.uncertain_votes``).
+    """
+    mass, anchor = ops.group_attention_mass(*args, **{name: options[name] for name in MASS_OPTIONS})
+    mass, anchor = mass.cpu(), anchor.cpu()  # the reference's float64 runs where the op ran
+    votes = ops.votes_from_mass(mass, options["tau"], options["coverage"]).sum(dim=2).double()
+    op_votes = torch.round(scores.cpu().double() - options["anchor_weight"] * anchor)
+    margin = precision.mass_margin(*args, n_groups=options["n_groups"], scaling=options["scaling"])
+    allowed = precision.uncertain_votes(mass, options["tau"], options["coverage"], margin)
+    real = torch.ones_like(votes, dtype=torch.bool)
+    if options["key_mask"] is not None:
+        real = options["key_mask"].cpu().bool()[:, None, :].expand_as(votes)
+    difference = (op_votes - votes).abs().masked_fill(~real, 0.0)
+    return {
+        "votes_compared": int(real.sum()),
+        "votes_differing": int((difference > 0).sum()),
+        "votes_differing_beyond_margin": int((difference > allowed).sum()),
+    }
 
 
 def plain_prefill(model, embeds: torch.Tensor, clock: Clock) -> float:
@@ -226,7 +255,8 @@ def measure(model, length: int, dtype: torch.dtype, repeats: int, clock: Clock, 
     op_seconds = statistics.median(timers["shiftkv"].op_seconds)
     entry["op_s"] = round(op_seconds, 4)
     entry["op_over_floor"] = round(op_seconds / gemm_seconds["floor"], 3)
-    return entry
+    args, options, scores = op_timer.last_call
+    return entry | vote_agreement(args, options, scores)
 
 
 def main() -> None:

@@ -27,7 +27,14 @@ import torch
 
 from mmshiftkv.ops import available, group_attention_mass, shiftkv_scores, votes_from_mass
 from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, cpu_kernel, logit_max
-from mmshiftkv.ops.precision import SMALLEST_NORMAL, UNIT_ROUNDOFF, ZERO_FLOOR, logit_error, mass_margin
+from mmshiftkv.ops.precision import (
+    SMALLEST_NORMAL,
+    UNIT_ROUNDOFF,
+    ZERO_FLOOR,
+    logit_error,
+    mass_margin,
+    uncertain_votes,
+)
 from mmshiftkv.presses.selection import select_kept_indices
 
 pytestmark = pytest.mark.skipif(
@@ -93,42 +100,6 @@ def _random_case(rng: random.Random, seq_len: int, adversarial: bool) -> Case:
     return Case(proxies.to(dtype), keys.to(dtype), last_query.to(dtype), key_mask, options)
 
 
-def _uncertain_votes(mass: torch.Tensor, tau: float, coverage: str, margin: float) -> torch.Tensor:
-    """How many of its groups' votes for a token the op may cast differently: (batch, kv_heads, seq_len).
-
-    Each op mass is within ``margin`` (relative) plus ZERO_FLOOR of the reference's, so is every tail
-    sum, and the budget ``(1 - tau) * total``. Where a tail and the budget are that close, the voted
-    count may move by one; masses that close to each other may come out in either order, which
-    matters at the boundary between the last voted and the first unvoted token. Tokens whose mass
-    is that close to such a critical value are uncertain for that group.
-    """
-    seq_len = mass.shape[-1]
-    values = torch.sort(mass, dim=-1, descending=True, stable=True).values
-    suffix = values.flip(-1).cumsum(dim=-1).flip(-1)
-    tail = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)
-    budget = (1.0 - tau) * suffix[..., :1]
-    slack = margin * (tail + budget) + 2 * seq_len * ZERO_FLOOR
-    near_threshold = ((tail - budget).abs() <= slack) & (suffix[..., :1] > 0)
-    critical = near_threshold | torch.nn.functional.pad(near_threshold[..., :-1], (1, 0))
-
-    def close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a - b).abs() <= margin * (a + b) + 2 * ZERO_FLOOR
-
-    n_voted = votes_from_mass(mass, tau, coverage).sum(dim=-1, keepdim=True)
-    for position in (n_voted - 1, n_voted):  # the last voted and the first unvoted token
-        inside = (position >= 0) & (position < seq_len) & (n_voted > 0) & (n_voted < seq_len)
-        value = values.gather(-1, position.clamp(0, seq_len - 1))
-        near_tie = (close(mass, value) & (mass != value)).any(dim=-1, keepdim=True)
-        critical |= (torch.arange(seq_len) == position) & inside & near_tie
-
-    uncertain = torch.zeros_like(mass, dtype=torch.bool)
-    for group in critical.any(dim=-1).nonzero().tolist():
-        index = tuple(group)
-        for value in values[index][critical[index]]:
-            uncertain[index] |= close(mass[index], value)
-    return uncertain.sum(dim=2)
-
-
 @dataclass
 class Comparison:
     tokens: int  # real (batch, KV head, token) triples
@@ -156,7 +127,7 @@ def _compare(case: Case, device: str, scores: torch.Tensor | None = None) -> Com
     margin = mass_margin(*args, n_groups=options["n_groups"], scaling=options["scaling"])
     votes = votes_from_mass(mass, options["tau"], options["coverage"]).sum(dim=2).double()
     anchor_term = options["anchor_weight"] * anchor
-    allowed = _uncertain_votes(mass.cpu(), options["tau"], options["coverage"], margin).to(device)
+    allowed = uncertain_votes(mass.cpu(), options["tau"], options["coverage"], margin).to(device)
 
     real = torch.ones_like(votes, dtype=torch.bool)
     if case.key_mask is not None:

@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from mmshiftkv.ops.reference import votes_from_mass
+
 #: float32 unit roundoff.
 UNIT_ROUNDOFF = 2.0**-24
 #: Masses this small may come out as zero (float32 underflow) where the reference has them positive.
@@ -98,3 +100,56 @@ def mass_margin(
     queries = torch.cat([proxies.flatten(0, -2), last_query.flatten(0, -2)])
     error = logit_error(queries, keys, scaling=scaling)
     return math.expm1(2 * error) + (rows_per_group + 16) * UNIT_ROUNDOFF
+
+
+def uncertain_votes(mass: torch.Tensor, tau: float, coverage: str, margin: float) -> torch.Tensor:
+    """How many of its groups' votes for a token the op may cast differently from the reference.
+
+    Each op mass is within ``margin`` (relative) plus :data:`ZERO_FLOOR` of the reference's, so is
+    every tail sum, and the budget ``(1 - tau) * total``. Where a tail and the budget are that close,
+    the voted count may move by one; masses that close to each other may come out in either order,
+    which matters at the boundary between the last voted and the first unvoted token. Tokens whose
+    mass is that close to such a critical value are uncertain for that group.
+
+    Parameters
+    ----------
+    mass : torch.Tensor
+        ``(batch, kv_heads, n_groups, seq_len)`` the reference's float64 group masses
+        (:func:`mmshiftkv.ops.group_attention_mass`), on the CPU.
+    tau : float
+        Coverage of the vote.
+    coverage : str
+        ``"smallest"`` or ``"within"`` (:func:`mmshiftkv.ops.votes_from_mass`).
+    margin : float
+        Relative mass margin (:func:`mass_margin`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch, kv_heads, seq_len)`` int64: per token, the number of groups whose vote may differ.
+    """
+    seq_len = mass.shape[-1]
+    values = torch.sort(mass, dim=-1, descending=True, stable=True).values
+    suffix = values.flip(-1).cumsum(dim=-1).flip(-1)
+    tail = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)
+    budget = (1.0 - tau) * suffix[..., :1]
+    slack = margin * (tail + budget) + 2 * seq_len * ZERO_FLOOR
+    near_threshold = ((tail - budget).abs() <= slack) & (suffix[..., :1] > 0)
+    critical = near_threshold | torch.nn.functional.pad(near_threshold[..., :-1], (1, 0))
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs() <= margin * (a + b) + 2 * ZERO_FLOOR
+
+    n_voted = votes_from_mass(mass, tau, coverage).sum(dim=-1, keepdim=True)
+    for position in (n_voted - 1, n_voted):  # the last voted and the first unvoted token
+        inside = (position >= 0) & (position < seq_len) & (n_voted > 0) & (n_voted < seq_len)
+        value = values.gather(-1, position.clamp(0, seq_len - 1))
+        near_tie = (close(mass, value) & (mass != value)).any(dim=-1, keepdim=True)
+        critical |= (torch.arange(seq_len) == position) & inside & near_tie
+
+    uncertain = torch.zeros_like(mass, dtype=torch.bool)
+    for group in critical.any(dim=-1).nonzero().tolist():
+        index = tuple(group)
+        for value in values[index][critical[index]]:
+            uncertain[index] |= close(mass[index], value)
+    return uncertain.sum(dim=2)
