@@ -259,9 +259,10 @@ class ShiftKVPress(BudgetedPress):
             return adapter.query_states(module, proxy_states)
         mean, std = self.prompt_statistics(hidden_states, key_mask)  # (batch, 1) each
         row_sums, projected_noise = self._projected_noise(projection, module.layer_idx)
-        projected = mean[:, :, None] * row_sums + (self.gamma * std)[:, :, None] * projected_noise.float()
+        offset = mean[:, :, None] * row_sums  # (batch, 1, q_out): the proxies' common part
         if projection.bias is not None:
-            projected = projected + projection.bias.float()
+            offset = offset + projection.bias.float()
+        projected = torch.addcmul(offset, (self.gamma * std)[:, :, None], projected_noise)  # float32
         return adapter.query_heads(module, projected.to(hidden_states.dtype))
 
     def _projected_noise(self, projection: nn.Linear, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
