@@ -22,7 +22,8 @@ Steps (each a subprocess with its own time cap, all within --time-budget seconds
 4. ``op_vs_reference``: benchmarks/bench_shiftkv_op.py at 7B dimensions, 4K-32K.
 5. ``scoring_overhead``: benchmarks/bench_shiftkv_overhead.py on the GPU, bfloat16, 4K-32K: ShiftKV's
    and SnapKV's scoring against one 7B layer's prefill and ShiftKV's against the bare logits GEMMs
-   (``scoring_over_floor``, ``op_over_floor``).
+   (``scoring_over_floor``, ``op_over_floor``), the op's votes checked against the float64 reference
+   on the same inputs (``votes_differing_beyond_margin`` must be 0).
 6. ``generate``: ``generate`` under every press on a tiny model of every family, with sdpa and
    (when importable) flash-attention 2; FullKV must reproduce plain ``generate``.
 7. ``headwise_decode``: benchmarks/bench_headwise_decode.py.
