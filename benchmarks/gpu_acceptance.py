@@ -161,8 +161,9 @@ def run_step(step: Step, seconds_left: float, time_scale: float = 1.0) -> StepRe
     try:
         done = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=cap)
     except subprocess.TimeoutExpired as error:
-        output = (error.stdout or "") + (error.stderr or "")
-        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        # A timed-out run's captured output comes back as bytes even with text=True.
+        parts = (error.stdout, error.stderr)
+        output = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p or "" for p in parts)
         result.status, result.output_tail = "timed out", output[-TAIL_CHARS:]
     else:
         result.returncode = done.returncode
