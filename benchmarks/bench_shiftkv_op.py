@@ -36,6 +36,7 @@ import time
 import torch
 
 from mmshiftkv.ops import available, group_attention_mass, shiftkv_scores, votes_from_mass
+from mmshiftkv.ops.compiled import cpu_kernel
 from mmshiftkv.presses.selection import select_kept_indices
 
 Q_HEADS, KV_HEADS, HEAD_DIM, N_PROXIES, N_GROUPS = 28, 4, 128, 512, 32
@@ -128,17 +129,25 @@ def agreement(op_scores: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> dict
 
 
 def op_working_set(seq_len: int, dtype: torch.dtype) -> dict[str, int]:
-    """The CPU op's extra memory by design (shiftkv_cpu.cpp), in bytes."""
+    """The CPU op's extra memory by design (shiftkv_cpu.cpp), in bytes.
+
+    Keys are padded to the kernel's panel (64 keys on AVX-512, 16 on AVX2 and DEFAULT); a row block
+    holds about 2^17 float32 logits (``block_rows`` there).
+    """
     threads = torch.get_num_threads()
-    rows_per_group = Q_HEADS // KV_HEADS * N_PROXIES // N_GROUPS
-    max_rows = min(256, max(128, (1 << 22) // seq_len))
-    block_rows = min(max_rows, max(1, max_rows // rows_per_group) * rows_per_group)
+    kernel = cpu_kernel(dtype)
+    lanes = 16 if kernel.startswith("avx512") else 8
+    panel = 64 if kernel.startswith("avx512") else 16
+    micro_rows = 4 if kernel == "default" else 6
+    padded = -(-seq_len // panel) * panel
+    block_rows = min(192, max(micro_rows, (1 << 17) // padded // micro_rows * micro_rows))
+    gemm_bytes = 2 if kernel.endswith("_bf16") else 4
     float32 = 4
     return {
-        "per_kv_head_sums_and_votes": KV_HEADS * ((N_GROUPS + 1) * float32 + N_GROUPS) * seq_len,
-        "one_head_float32_keys": 0 if dtype == torch.float32 else seq_len * HEAD_DIM * float32,
-        "one_head_float32_query_rows": Q_HEADS // KV_HEADS * (N_PROXIES + 1) * HEAD_DIM * float32,
-        "per_thread_logit_blocks": threads * block_rows * seq_len * float32,
+        "per_kv_head_sums_and_votes": KV_HEADS * ((N_GROUPS + 1) * padded * float32 + N_GROUPS * seq_len),
+        "one_head_packed_keys": padded * HEAD_DIM * gemm_bytes,
+        "one_head_query_rows": Q_HEADS // KV_HEADS * (N_PROXIES + 1) * HEAD_DIM * gemm_bytes,
+        "per_thread_logit_blocks": threads * block_rows * (padded + lanes + 1) * float32,
         "output": KV_HEADS * seq_len * float32,
     }
 
@@ -188,6 +197,8 @@ def main() -> None:
         "benchmark": "shiftkv_scores: compiled op vs torch reference",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "op_cpu_kernel": {name: cpu_kernel(getattr(torch, name)) for name in args.dtypes},
         "shape": {
             "batch": 1,
             "q_heads": Q_HEADS,

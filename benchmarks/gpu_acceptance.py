@@ -20,10 +20,14 @@ Steps (each a subprocess with its own time cap, all within --time-budget seconds
 2. ``install``: builds the project and its CUDA op (FORCE_CUDA=1, this GPU's architecture only).
 3. ``op_tests``: tests/test_ops_*.py; with a GPU visible they run on CUDA as well as the CPU.
 4. ``op_vs_reference``: benchmarks/bench_shiftkv_op.py at 7B dimensions, 4K-32K.
-5. ``generate``: ``generate`` under every press on a tiny model of every family, with sdpa and
+5. ``scoring_overhead``: benchmarks/bench_shiftkv_overhead.py on the GPU, bfloat16, 4K-32K: ShiftKV's
+   and SnapKV's scoring against one 7B layer's prefill and ShiftKV's against the bare logits GEMMs
+   (``scoring_over_floor``, ``op_over_floor``), the op's votes checked against the float64 reference
+   on the same inputs (``votes_differing_beyond_margin`` must be 0).
+6. ``generate``: ``generate`` under every press on a tiny model of every family, with sdpa and
    (when importable) flash-attention 2; FullKV must reproduce plain ``generate``.
-6. ``headwise_decode``: benchmarks/bench_headwise_decode.py.
-7. ``profile``: ``mmshiftkv profile`` with 2 layers of 7B dimensions at 2K-32K.
+7. ``headwise_decode``: benchmarks/bench_headwise_decode.py.
+8. ``profile``: ``mmshiftkv profile`` with 2 layers of 7B dimensions at 2K-32K.
 
 The report holds every step's command, exit status, seconds, the JSON it printed (if any) and the
 tail of its output. A step that fails does not stop the others; the exit status is 1 if any failed.
@@ -43,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
 OPTIONAL_PACKAGES = ("kvpress", "flash_attn", "hypothesis", "matplotlib")
 REQUIRED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "PIL", "tqdm", "pytest")
 WHEEL_NAMES = {"PIL": "pillow"}
@@ -83,13 +88,16 @@ def plan(cpu: bool, install: bool, output_dir: Path) -> list[Step]:
         if not cpu and torch.cuda.is_available():  # this GPU's architecture only: faster to compile
             env["TORCH_CUDA_ARCH_LIST"] = ".".join(map(str, torch.cuda.get_device_capability()))
         command = _python("-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT))
-        steps.append(Step("install", command, 150, env))
-    op_tests = [str(ROOT / "tests" / f"test_ops_{name}.py") for name in ("api", "reference", "compiled")]
+        steps.append(Step("install", command, 125, env))
+    # Every op test file but this script's own (which runs the script).
+    tests = sorted((ROOT / "tests").glob("test_ops_*.py"))
+    op_tests = [str(path) for path in tests if "gpu" not in path.name]
     steps.append(
-        Step("op_tests", _python("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *op_tests), 90)
+        Step("op_tests", _python("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *op_tests), 85)
     )
     if cpu:
         op_bench = ["--device", "cpu", "--lengths", "128", "--repeats", "1", "--dtypes", "float32"]
+        overhead = ["--device", "cpu", "--lengths", "128", "--repeats", "1", "--dtypes", "float32"]
         decode = ["--device", "cpu", "--contexts", "256", "--budget", "16", "--layers", "1", "--steps", "1"]
         decode += ["--repeats", "1"]
         profile = ["--layers", "1", "--lengths", "256", "--decode-tokens", "2", "--presses", "shiftkv,snapkv"]
@@ -97,6 +105,8 @@ def plan(cpu: bool, install: bool, output_dir: Path) -> list[Step]:
     else:
         op_bench = ["--device", "cuda", "--lengths", "4096", "16384", "32768", "--repeats", "5"]
         op_bench += ["--dtypes", "bfloat16", "float32"]
+        overhead = ["--device", "cuda", "--lengths", "4096,16384,32768", "--repeats", "3"]
+        overhead += ["--dtypes", "bfloat16"]
         decode = [
             "--device",
             "cuda",
@@ -113,6 +123,7 @@ def plan(cpu: bool, install: bool, output_dir: Path) -> list[Step]:
         profile += ["--budget", "256", "--device", "cuda"]
     steps += [
         Step("op_vs_reference", _python(str(ROOT / "benchmarks" / "bench_shiftkv_op.py"), *op_bench), 45),
+        Step("scoring_overhead", _python(str(BENCHMARKS / "bench_shiftkv_overhead.py"), *overhead), 40),
         Step("generate", _python(__file__, "--step", "generate", *(["--cpu"] if cpu else [])), 60),
         Step("headwise_decode", _python(str(ROOT / "benchmarks" / "bench_headwise_decode.py"), *decode), 40),
         Step(
@@ -150,8 +161,9 @@ def run_step(step: Step, seconds_left: float, time_scale: float = 1.0) -> StepRe
     try:
         done = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=cap)
     except subprocess.TimeoutExpired as error:
-        output = (error.stdout or "") + (error.stderr or "")
-        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        # A timed-out run's captured output comes back as bytes even with text=True.
+        parts = (error.stdout, error.stderr)
+        output = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p or "" for p in parts)
         result.status, result.output_tail = "timed out", output[-TAIL_CHARS:]
     else:
         result.returncode = done.returncode

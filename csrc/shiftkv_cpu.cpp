@@ -1,214 +1,156 @@
 // CPU driver of mmshiftkv::shiftkv_scores.
 //
-// Stage 1, per (batch, KV head): the keys and query rows are converted to float32 once, then
-// at::parallel_for runs over blocks of whole groups, and the anchor (the last queries) follows. Rows
-// are processed in row blocks: one float32 GEMM (MKL/OpenBLAS through at::mm_out,
-// float32 accumulation) gives the block's logits against all keys, and each row is then masked,
-// exponentiated (float32), normalised (its sum accumulated in float64) and added to its group's
-// float32 mass in a few passes. Nothing of size n_proxies x seq_len is ever held: the extra memory
-// is the (G + 1) x seq_len float32 sums and G x seq_len vote bytes per KV head, one head's float32
-// keys and query rows, and one row block of logits per thread (kMinBlockRows to kMaxBlockRows rows,
-// about kBlockElements floats).
+// Stage 1, per (batch, KV head): the query rows (every group's r*g proxy rows in group order, then
+// the r anchor rows) and the keys are converted once to the logits GEMM's type: bfloat16 where the
+// inputs are bfloat16 and the CPU has native bfloat16 dot products (AVX512-BF16), float32 otherwise
+// (bfloat16 and float16 products are exact in float32, so both GEMMs accumulate the same exact
+// products in float32). The keys are packed into panels, then at::parallel_for runs the per-ISA
+// kernels (shiftkv_cpu_kernels.h) over blocks of whole groups, the anchor rows being one more block:
+// logits, softmax and the group's probability sums, in row blocks whose logits stay in the L2 cache.
+// Nothing of size n_proxies x seq_len is ever held: the extra memory is the (G + 1) x seq_len float32
+// sums and G x seq_len vote bytes per KV head, one head's converted rows and packed keys, and one
+// block of logits per thread (about kBlockFloats floats).
 // Stage 2, per (batch, KV head, group): the tau-coverage cut by threshold search (shiftkv_vote.h).
 // Stage 3: votes + lambda * anchor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "shiftkv_checks.h"
+#include "shiftkv_cpu_kernels.h"
 #include "shiftkv_vote.h"
-
-// The row loops are written for auto-vectorisation; cloning them per ISA lets one x86-64 build use
-// AVX2/AVX-512 where the machine has it (the code is the same, so results are too: the build
-// disables FMA contraction).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SHIFTKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SHIFTKV_CPU_CLONES
-#endif
 
 namespace mmshiftkv {
 namespace {
 
-constexpr int64_t kBlockElements = int64_t{1} << 22;  // 16 MiB of float32 logits per thread
-constexpr int64_t kMinBlockRows = 128;
-constexpr int64_t kMaxBlockRows = 256;
-constexpr int kLanes = 8;  // independent partial sums: vectorisable, and the same order on every ISA
+constexpr int64_t kBlockFloats = int64_t{1} << 17;  // 512 KiB of float32 logits per row block
+constexpr int64_t kMaxBlockRows = 192;
+constexpr int64_t kPackGrain = 16;  // panels per packing task
+constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics' shift
+constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
+constexpr int64_t kMaxMomentChunks = 64;
 
-// exp(x) for x <= 0 (softmax arguments, including -inf) in float32, branch-free so the row loops
-// vectorise. Cody-Waite reduction x = k ln2 + r with |r| <= ln2 / 2 (ln 2 split in two so k * hi is
-// exact), a degree-7 Taylor polynomial (truncation below 6e-9 relative) and 2^k applied as two
-// exact powers of two, so results stay correct down to the subnormal range and exp(-inf) is 0.
-// Within a few ulp of a correctly rounded expf.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // 9 significant bits
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: x + it rounds x to an integer
-  const float clamped = x < -110.0f ? -110.0f : x;  // exp(-110) rounds to 0, as does exp(-inf)
-  const float shifted = clamped * kLog2e + kRoundShift;
-  const float k = shifted - kRoundShift;
-  const float r = (clamped - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t shifted_bits;
-  int32_t shift_bits;
-  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-  std::memcpy(&shift_bits, &kRoundShift, sizeof shift_bits);
-  const int32_t n = shifted_bits - shift_bits;  // k as an integer, in [-159, 0]
-  const int32_t half = n / 2;
-  const uint32_t scale_a_bits = static_cast<uint32_t>(half + 127) << 23;
-  const uint32_t scale_b_bits = static_cast<uint32_t>(n - half + 127) << 23;
-  float scale_a;
-  float scale_b;
-  std::memcpy(&scale_a, &scale_a_bits, sizeof scale_a);
-  std::memcpy(&scale_b, &scale_b_bits, sizeof scale_b);
-  return p * scale_a * scale_b;
+// The kernels for ATen's CPU capability (at::get_cpu_capability() honours ATEN_CPU_CAPABILITY).
+const cpu::Kernels& cpu_kernels() {
+  static const cpu::Kernels& kernels = []() -> const cpu::Kernels& {
+    const std::string capability = at::get_cpu_capability();
+#if defined(MMSHIFTKV_CPU_AVX512)
+    if (capability == "AVX512") return cpu::kernels_AVX512();
+#endif
+#if defined(MMSHIFTKV_CPU_AVX2)
+    if (capability == "AVX512" || capability == "AVX2") return cpu::kernels_AVX2();
+#endif
+    return cpu::kernels_DEFAULT();
+  }();
+  return kernels;
 }
 
-// Calls update(t, t % kLanes) for t = 0..n-1, a block of kLanes at a time, so per-lane partial
-// results vectorise and are combined in the same order on every ISA.
-template <class Update>
-inline void for_each_lane(int64_t n, Update&& update) {
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= n; t0 += kLanes) {
-    for (int l = 0; l < kLanes; ++l) update(t0 + l, l);
+cpu::LogitType logit_type(const cpu::Kernels& kernels, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && kernels.has_bf16_gemm ? cpu::LogitType::kBFloat16 : cpu::LogitType::kFloat;
+}
+
+std::string kernel_name(at::ScalarType dtype) {
+  const cpu::Kernels& kernels = cpu_kernels();
+  const bool bf16 = logit_type(kernels, dtype) == cpu::LogitType::kBFloat16;
+  return std::string(kernels.isa) + (bf16 ? "_bf16" : "");
+}
+
+int64_t padded_length(const cpu::Kernels& kernels, int64_t seq_len) {
+  return (seq_len + kernels.panel_keys - 1) / kernels.panel_keys * kernels.panel_keys;
+}
+
+// Rows per block: a multiple of the micro-tile's rows whose logits fit in about kBlockFloats floats.
+// It depends on the shapes only, not on the thread count.
+int64_t block_rows(const cpu::Kernels& kernels, int64_t padded_len) {
+  const int64_t rows = kBlockFloats / padded_len / kernels.micro_rows * kernels.micro_rows;
+  return std::clamp(rows, kernels.micro_rows, kMaxBlockRows);
+}
+
+// (padded_len) float32: 0 for a real key, -inf for a padding key and past seq_len.
+at::Tensor key_bias(const bool* real_key, int64_t seq_len, int64_t padded_len) {
+  at::Tensor bias = at::full({padded_len}, -std::numeric_limits<float>::infinity(), at::kFloat);
+  float* data = bias.data_ptr<float>();
+  for (int64_t t = 0; t < seq_len; ++t) {
+    if (real_key == nullptr || real_key[t]) data[t] = 0.0f;
   }
-  for (int l = 0; t0 + l < n; ++l) update(t0 + l, l);
+  return bias;
 }
 
-// Sets the logits of padding keys to -inf (real_key == nullptr: no padding), returns the row max.
-// (real_key is a byte pointer, which may alias anything unless told otherwise.)
-SHIFTKV_CPU_CLONES float mask_max(float* __restrict__ row, int64_t n, const uint8_t* __restrict__ real_key) {
-  if (real_key != nullptr) {
-    for (int64_t t = 0; t < n; ++t) row[t] = real_key[t] != 0 ? row[t] : -INFINITY;
-  }
-  float lane_max[kLanes];
-  std::fill(lane_max, lane_max + kLanes, -INFINITY);
-  auto update = [&](int64_t t, int l) { lane_max[l] = row[t] > lane_max[l] ? row[t] : lane_max[l]; };
-  for_each_lane(n, update);
-  float row_max = -INFINITY;
-  for (float v : lane_max) row_max = v > row_max ? v : row_max;
-  return row_max;
-}
-
-// Replaces a row by exp(row - shift), returns the sum (in float64: it scales every probability).
-SHIFTKV_CPU_CLONES double exp_in_place_sum(float* row, int64_t n, float shift) {
-  double lane_sum[kLanes] = {};
-  auto update = [&](int64_t t, int l) {
-    const float e = exp_nonpositive(row[t] - shift);
-    row[t] = e;
-    lane_sum[l] += static_cast<double>(e);
-  };
-  for_each_lane(n, update);
-  double sum = 0.0;
-  for (double v : lane_sum) sum += v;
-  return sum;
-}
-
-SHIFTKV_CPU_CLONES void add_scaled(float* acc, const float* row, int64_t n, float scale) {
-  for (int64_t t = 0; t < n; ++t) acc[t] += row[t] * scale;
-}
-
-SHIFTKV_CPU_CLONES double sum_masses_below(const float* mass, int64_t n, float bound) {
-  double lane_sum[kLanes] = {};
-  auto update = [&](int64_t t, int l) { lane_sum[l] += mass[t] < bound ? static_cast<double>(mass[t]) : 0.0; };
-  for_each_lane(n, update);
-  double sum = 0.0;
-  for (double v : lane_sum) sum += v;
-  return sum;
-}
-
-// Row blocks of one KV head's query rows against its keys. rows: (n_rows, head_dim) float32, already
-// multiplied by the logit scale: every group's r*g proxy rows in group order, then the r anchor
-// rows; row i belongs to slot i / rows_per_group (slot G: the anchor). keys_t: the
-// (head_dim, seq_len) transposed view of the head's float32 keys. real_key: (seq_len) 0/1 bytes, or
-// nullptr without padding. sums: (G + 1, seq_len) float32, slot-major.
-struct HeadRows {
-  const at::Tensor& rows;
-  const at::Tensor& keys_t;
-  int64_t rows_per_group;
-  int64_t n_groups;
-  const uint8_t* real_key;
-  bool exclude_last_key;
-  float* sums;
+// One KV head's rows and keys in the GEMM's type, the keys packed; holds the tensors the view uses.
+struct PreparedHead {
+  at::Tensor rows;
+  at::Tensor packed_keys;
+  cpu::HeadLogits logits;
 };
 
-// Adds the softmax probabilities of rows [row_begin, row_end) into their slots' sums, one GEMM of
-// at most logits.size(0) rows at a time. The caller gives every slot to one thread only.
-void accumulate_softmax(const HeadRows& head, int64_t row_begin, int64_t row_end, at::Tensor& logits) {
-  const int64_t seq_len = head.keys_t.size(1);
-  // Zeroing the last key after the softmax, without renormalising, is leaving it out of the mass.
-  const int64_t n_summed = head.exclude_last_key ? seq_len - 1 : seq_len;
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += logits.size(0)) {
-    const int64_t len = std::min(logits.size(0), row_end - r0);
-    at::Tensor block = logits.narrow(0, 0, len);
-    at::mm_out(block, head.rows.narrow(0, r0, len), head.keys_t);
-    float* data = block.data_ptr<float>();
-    for (int64_t i = 0; i < len; ++i) {
-      float* row = data + i * seq_len;
-      const int64_t slot = std::min((r0 + i) / head.rows_per_group, head.n_groups);
-      const float shift = softmax_shift(mask_max(row, seq_len, head.real_key));
-      const float inverse_sum = softmax_inverse_sum(exp_in_place_sum(row, seq_len, shift));
-      add_scaled(head.sums + slot * seq_len, row, n_summed, inverse_sum);
-    }
+// rows: (n_rows, head_dim), keys: (seq_len, head_dim), any scoring dtype; bias from key_bias.
+PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, const at::Tensor& rows,
+                          const at::Tensor& keys, const at::Tensor& bias, double scaling) {
+  const int64_t seq_len = keys.size(0);
+  const int64_t head_dim = keys.size(1);
+  const int64_t padded_len = bias.size(0);
+  PreparedHead head;
+  at::Tensor converted_keys;
+  int64_t depth = head_dim;
+  if (type == cpu::LogitType::kBFloat16) {
+    depth = head_dim + head_dim % 2;  // whole bfloat16 pairs; the padding element is zero
+    head.rows = at::constant_pad_nd(rows, {0, depth - head_dim}).contiguous();
+    converted_keys = keys.contiguous();
+    head.packed_keys = at::empty({padded_len * depth / 2}, keys.options().dtype(at::kInt));
+  } else {
+    head.rows = rows.to(at::kFloat).contiguous();
+    converted_keys = keys.to(at::kFloat).contiguous();
+    head.packed_keys = at::empty({padded_len * depth}, keys.options().dtype(at::kFloat));
   }
+  const void* key_data = converted_keys.data_ptr();
+  void* packed = head.packed_keys.data_ptr();
+  at::parallel_for(0, padded_len / kernels.panel_keys, kPackGrain, [&](int64_t begin, int64_t end) {
+    kernels.pack_keys(type, key_data, head_dim, seq_len, head_dim, begin, end, packed);
+  });
+  head.logits = {type,    head.rows.data_ptr(),   depth,      depth, packed, bias.data_ptr<float>(),
+                 seq_len, padded_len,             static_cast<float>(scaling)};
+  return head;
 }
 
-// Rows per GEMM: enough that the GEMM runs near its peak (narrow blocks re-pack the keys for little
-// work), few enough that a thread's logits stay within max(kBlockElements, kMinBlockRows * seq_len).
-int64_t block_rows(int64_t seq_len) {
-  return std::clamp(kBlockElements / seq_len, kMinBlockRows, kMaxBlockRows);
+at::Tensor workspace(const cpu::Kernels& kernels, int64_t rows, int64_t padded_len) {
+  return at::empty({rows * (padded_len + kernels.workspace_floats_per_row)}, at::kFloat);
 }
 
 // Stage 1 for one (batch, KV head). The proxy rows are cut into blocks of whole groups (or one
-// group in GEMMs of block_rows rows), so no two threads add into one slot, and the cut does not
-// depend on the thread count (a BLAS may round a row differently at another place in a block).
-// The anchor's few rows follow on the calling thread.
-void head_probability_sums(const HeadRows& head) {
-  const int64_t seq_len = head.keys_t.size(1);
-  const int64_t G = head.n_groups;
-  const int64_t per_group = head.rows_per_group;
-  const int64_t max_rows = block_rows(seq_len);
-  const int64_t groups_per_block = std::max<int64_t>(1, max_rows / per_group);
-  const int64_t n_blocks = (G + groups_per_block - 1) / groups_per_block;
-  const int64_t logit_rows = std::min(max_rows, groups_per_block * per_group);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor logits = at::empty({logit_rows, seq_len}, head.rows.options());
+// group in several row blocks), so no two threads add into one slot, and the cut does not depend on
+// the thread count; the anchor's rows are the last block.
+void head_probability_sums(const cpu::Kernels& kernels, const cpu::HeadLogits& head, const cpu::HeadSums& out,
+                           int64_t n_rows) {
+  const int64_t rows = block_rows(kernels, head.padded_len);
+  const int64_t per_group = out.rows_per_group;
+  const int64_t groups_per_block = std::max<int64_t>(1, rows / per_group);
+  const int64_t group_blocks = (out.n_groups + groups_per_block - 1) / groups_per_block;
+  at::parallel_for(0, group_blocks + 1, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor space = workspace(kernels, rows, head.padded_len);
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t last_group = std::min(G, (block + 1) * groups_per_block);
-      accumulate_softmax(head, block * groups_per_block * per_group, last_group * per_group, logits);
+      const int64_t first = std::min(out.n_groups, block * groups_per_block) * per_group;
+      const int64_t last = block < group_blocks ? std::min(out.n_groups, (block + 1) * groups_per_block) * per_group
+                                                : n_rows;
+      kernels.accumulate_softmax(head, out, first, last, rows, space.data_ptr<float>());
     }
   });
-  at::Tensor anchor_logits = at::empty({head.rows.size(0) - G * per_group, seq_len}, head.rows.options());
-  accumulate_softmax(head, G * per_group, head.rows.size(0), anchor_logits);
 }
 
-at::Tensor to_float_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-VoteCut group_vote_cut(const float* mass, int64_t seq_len, double tau, Coverage coverage) {
-  double lane_sum[kLanes] = {};
-  float max_mass = 0.0f;
-  for (int64_t t = 0; t < seq_len; ++t) {
-    lane_sum[t % kLanes] += static_cast<double>(mass[t]);
-    max_mass = std::max(max_mass, mass[t]);
-  }
-  double total = 0.0;
-  for (double v : lane_sum) total += v;
-  auto sum_below = [&](uint32_t bits) { return sum_masses_below(mass, seq_len, bits_to_mass(bits)); };
+VoteCut group_vote_cut(const cpu::Kernels& kernels, const float* mass, int64_t seq_len, double tau,
+                       Coverage coverage) {
+  const float max_mass = *std::max_element(mass, mass + seq_len);
+  auto sum_below = [&](uint32_t bits) { return kernels.sum_masses_below(mass, seq_len, bits_to_mass(bits)); };
   auto count_equal = [&](float value) { return static_cast<int64_t>(std::count(mass, mass + seq_len, value)); };
+  const double total = kernels.sum_masses_below(mass, seq_len, std::numeric_limits<float>::infinity());
   return coverage_cut(total, max_mass, tau, coverage, sum_below, count_equal);
 }
 
@@ -219,31 +161,29 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
   const ScoringShape s = check_scoring_inputs(proxies, keys, last_query, key_mask, n_groups, tau, scaling,
                                               anchor_weight);
   const Coverage coverage = parse_coverage(coverage_name);
+  const cpu::Kernels& kernels = cpu_kernels();
+  const cpu::LogitType type = logit_type(kernels, proxies.scalar_type());
   const int64_t r = s.heads_per_kv;
   const int64_t g = s.group_size;
   const int64_t G = s.n_groups;
   const int64_t T = s.seq_len;
+  const int64_t padded = padded_length(kernels, T);
 
   // Group j's rows are the contiguous r*g rows of grouped[b][h][j].
   const at::Tensor grouped = proxies.reshape({s.batch, s.kv_heads, r, G, g, s.head_dim}).transpose(2, 3);
   const at::Tensor last = last_query.reshape({s.batch, s.kv_heads, r, s.head_dim});
   const at::Tensor mask = key_mask.has_value() ? key_mask->contiguous() : at::Tensor();
-  // Slot G of the second-to-last dimension holds the anchor's probability sums.
-  at::Tensor sums = at::zeros({s.batch, s.kv_heads, G + 1, T}, proxies.options().dtype(at::kFloat));
+  // Slot G of the second-to-last dimension holds the anchor's probability sums; rows padded_len apart.
+  at::Tensor sums = at::zeros({s.batch, s.kv_heads, G + 1, padded}, proxies.options().dtype(at::kFloat));
   float* sums_data = sums.data_ptr<float>();
 
   for (int64_t b = 0; b < s.batch; ++b) {
-    // bool has no vector type in GCC's vectoriser; its bytes are 0 or 1.
-    const uint8_t* real_key =
-        mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) + b * T : nullptr;
+    const at::Tensor bias = key_bias(mask.defined() ? mask.data_ptr<bool>() + b * T : nullptr, T, padded);
     for (int64_t h = 0; h < s.kv_heads; ++h) {
-      const at::Tensor keys_t = to_float_contiguous(keys[b][h]).t();
-      // Scaling the float32 rows costs one rounding, as scaling the logits would.
-      const at::Tensor rows =
-          at::cat({grouped[b][h].reshape({G * r * g, s.head_dim}), last[b][h]}).to(at::kFloat).mul_(scaling);
-      const HeadRows head{rows, keys_t, r * g, G, real_key, exclude_last_key,
-                          sums_data + (b * s.kv_heads + h) * (G + 1) * T};
-      head_probability_sums(head);
+      const at::Tensor rows = at::cat({grouped[b][h].reshape({G * r * g, s.head_dim}), last[b][h]});
+      const PreparedHead head = prepare_head(kernels, type, rows, keys[b][h], bias, scaling);
+      const cpu::HeadSums out{r * g, G, exclude_last_key, sums_data + (b * s.kv_heads + h) * (G + 1) * padded};
+      head_probability_sums(kernels, head.logits, out, rows.size(0));
     }
   }
 
@@ -254,12 +194,10 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / G;
       const int64_t j = item % G;
-      const float* group_sum = sums_data + (head * (G + 1) + j) * T;
-      const float* anchor_sum = sums_data + (head * (G + 1) + G) * T;
-      for (int64_t t = 0; t < T; ++t) {
-        mass[t] = vote_mass(group_sum[t], anchor_sum[t], r, g, anchor_in_groups);
-      }
-      const VoteCut cut = group_vote_cut(mass.data(), T, tau, coverage);
+      const float* group_sum = sums_data + (head * (G + 1) + j) * padded;
+      const float* anchor_sum = sums_data + (head * (G + 1) + G) * padded;
+      kernels.vote_masses(group_sum, anchor_sum, T, r, g, anchor_in_groups, mass.data());
+      const VoteCut cut = group_vote_cut(kernels, mass.data(), T, tau, coverage);
       uint8_t* out = voted_data + item * T;
       int64_t equal_taken = 0;
       for (int64_t t = 0; t < T; ++t) {
@@ -274,21 +212,116 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
   float* scores_data = scores.data_ptr<float>();
   const bool* mask_data = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> votes(T);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t b = head / s.kv_heads;
+      std::fill(votes.begin(), votes.end(), 0);
+      for (int64_t j = 0; j < G; ++j) {
+        const uint8_t* group_votes = voted_data + (head * G + j) * T;
+        for (int64_t t = 0; t < T; ++t) votes[t] += group_votes[t];
+      }
+      const float* anchor_sum = sums_data + (head * (G + 1) + G) * padded;
       for (int64_t t = 0; t < T; ++t) {
-        int64_t votes = 0;
-        for (int64_t j = 0; j < G; ++j) votes += voted_data[(head * G + j) * T + t];
-        const double anchor = anchor_attention(sums_data[(head * (G + 1) + G) * T + t], r);
-        scores_data[head * T + t] = shiftkv_score(votes, anchor, anchor_weight, mask_data == nullptr || mask_data[b * T + t]);
+        const bool real = mask_data == nullptr || mask_data[b * T + t];
+        scores_data[head * T + t] = shiftkv_score(votes[t], anchor_attention(anchor_sum[t], r), anchor_weight, real);
       }
     }
   });
   return scores;
 }
 
+// The logits GEMM of the op alone (same kernel, key packing, row blocks and epilogue), reduced to
+// each row's maximum: for the logits-floor benchmark and for testing the GEMM's rounding.
+at::Tensor shiftkv_logit_max_cpu(const at::Tensor& queries, const at::Tensor& keys, double scaling) {
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && queries.size(1) == keys.size(1),
+              "shiftkv_logit_max: queries (n_rows, head_dim) and keys (seq_len, head_dim) must share head_dim, got ",
+              queries.sizes(), " and ", keys.sizes());
+  TORCH_CHECK(queries.scalar_type() == keys.scalar_type() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16 ||
+                   keys.scalar_type() == at::kHalf),
+              "shiftkv_logit_max: queries and keys must share one dtype of float16, bfloat16 or float32, got ",
+              queries.scalar_type(), " and ", keys.scalar_type());
+  TORCH_CHECK(queries.numel() > 0 && keys.numel() > 0, "shiftkv_logit_max: empty input, queries ", queries.sizes(),
+              ", keys ", keys.sizes());
+  const cpu::Kernels& kernels = cpu_kernels();
+  const int64_t padded = padded_length(kernels, keys.size(0));
+  const at::Tensor bias = key_bias(nullptr, keys.size(0), padded);
+  const PreparedHead head =
+      prepare_head(kernels, logit_type(kernels, keys.scalar_type()), queries, keys, bias, scaling);
+  at::Tensor maxima = at::empty({queries.size(0)}, queries.options().dtype(at::kFloat));
+  const int64_t rows = block_rows(kernels, padded);
+  at::parallel_for(0, queries.size(0), rows, [&](int64_t begin, int64_t end) {
+    at::Tensor space = workspace(kernels, rows, padded);
+    kernels.logit_max(head.logits, begin, end, rows, space.data_ptr<float>(), maxima.data_ptr<float>() + begin);
+  });
+  return maxima;
+}
+
+// Mean and unbiased variance (float32) of (tokens, hidden) states: over every element, (1,) each, or
+// per column, (hidden,) each. One pass summing float64 deviations from the first rows' mean, in
+// fixed row chunks combined in order (the result does not depend on the thread count).
+std::tuple<at::Tensor, at::Tensor> prompt_moments_cpu(const at::Tensor& states, bool per_feature) {
+  TORCH_CHECK(states.dim() == 2 && states.size(0) > 0 && states.size(1) > 0,
+              "prompt_moments: states must be a non-empty (tokens, hidden) matrix, got ", states.sizes());
+  const auto dtype = states.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "prompt_moments: states must be float16, bfloat16 or float32, got ", dtype);
+  const at::Tensor values = states.contiguous();
+  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
+                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
+                                                       : cpu::StateType::kHalf;
+  const cpu::Kernels& kernels = cpu_kernels();
+  const int64_t rows = values.size(0);
+  const int64_t cols = values.size(1);
+  const int64_t width = per_feature ? cols : 1;
+  const void* data = values.data_ptr();
+
+  // The shift: the mean of the first rows (per column, or over their elements).
+  const int64_t shift_rows = std::min<int64_t>(rows, kMomentShiftRows);
+  std::vector<double> zero(width, 0.0), shift(width, 0.0), unused(width, 0.0);
+  kernels.shifted_moments(type, data, cols, 0, shift_rows, zero.data(), per_feature, shift.data(), unused.data());
+  const double shift_count = static_cast<double>(per_feature ? shift_rows : shift_rows * cols);
+  for (double& value : shift) value /= shift_count;
+
+  const int64_t chunk = std::max(kMomentChunkRows, (rows + kMaxMomentChunks - 1) / kMaxMomentChunks);
+  const int64_t n_chunks = (rows + chunk - 1) / chunk;
+  std::vector<double> partial(2 * n_chunks * width, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double* sums = partial.data() + 2 * c * width;
+      kernels.shifted_moments(type, data, cols, c * chunk, std::min(rows, (c + 1) * chunk), shift.data(),
+                              per_feature, sums, sums + width);
+    }
+  });
+  const double count = static_cast<double>(per_feature ? rows : rows * cols);
+  at::Tensor mean = at::empty({width}, values.options().dtype(at::kFloat));
+  at::Tensor variance = at::empty({width}, values.options().dtype(at::kFloat));
+  for (int64_t w = 0; w < width; ++w) {
+    double first = 0.0;
+    double second = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      first += partial[2 * c * width + w];
+      second += partial[(2 * c + 1) * width + w];
+    }
+    mean.data_ptr<float>()[w] = static_cast<float>(shift[w] + first / count);
+    const double spread = (second - first * first / count) / std::max(count - 1.0, 1.0);
+    variance.data_ptr<float>()[w] = static_cast<float>(std::max(spread, 0.0));
+  }
+  return {mean, variance};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) { m.impl("shiftkv_scores", &shiftkv_scores_cpu); }
+TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
+  // Which CPU kernel scores inputs of a dtype: "default", "avx2", "avx512", or "avx512_bf16" (the
+  // AVX-512 kernel with the bfloat16 logits GEMM).
+  m.def("shiftkv_cpu_kernel(ScalarType dtype) -> str", &kernel_name);
+}
+
+TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
+  m.impl("shiftkv_scores", &shiftkv_scores_cpu);
+  m.impl("shiftkv_logit_max", &shiftkv_logit_max_cpu);
+  m.impl("prompt_moments", &prompt_moments_cpu);
+}
 
 }  // namespace mmshiftkv

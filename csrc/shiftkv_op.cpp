@@ -1,5 +1,7 @@
 // Schema of mmshiftkv::shiftkv_scores and the Python module mmshiftkv._C whose import registers it.
 // The CPU and CUDA kernels register themselves in shiftkv_cpu.cpp and shiftkv_cuda.cu.
+// shiftkv_logit_max (CPU only) runs the CPU op's logits GEMM alone, reduced to each row's maximum;
+// prompt_moments (CPU only) is ShiftKV's prompt statistics (mean and variance) in one pass.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -8,6 +10,8 @@ TORCH_LIBRARY(mmshiftkv, m) {
       "shiftkv_scores(Tensor proxies, Tensor keys, Tensor last_query, Tensor? key_mask, int n_groups, "
       "float tau, float scaling, float anchor_weight, bool anchor_in_groups, str coverage, "
       "bool exclude_last_key) -> Tensor");
+  m.def("shiftkv_logit_max(Tensor queries, Tensor keys, float scaling) -> Tensor");
+  m.def("prompt_moments(Tensor states, bool per_feature) -> (Tensor, Tensor)");
 }
 
 #if defined(MMSHIFTKV_WITH_CUDA)

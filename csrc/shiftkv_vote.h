@@ -52,13 +52,21 @@ SHIFTKV_HD double anchor_attention(float anchor_sum, int64_t heads_per_kv) {
   return static_cast<double>(anchor_sum) / static_cast<double>(heads_per_kv);
 }
 
+// The float64 arithmetic of vote_mass, on doubles or (CPU kernels) vectors of doubles; members is
+// group_size + 1.
+template <class Double>
+SHIFTKV_HD Double vote_mass_of(const Double& group_sum, const Double& anchor_sum, const Double& heads_per_kv,
+                               const Double& members, bool anchor_in_groups) {
+  const Double mass = group_sum / heads_per_kv;
+  if (!anchor_in_groups) return mass;
+  return (mass + anchor_sum / heads_per_kv) / members;
+}
+
 // Computed in float64 and rounded once, so the mass carries one float32 rounding beyond its sums.
 SHIFTKV_HD float vote_mass(float group_sum, float anchor_sum, int64_t heads_per_kv, int64_t group_size,
                            bool anchor_in_groups) {
-  const double mass = static_cast<double>(group_sum) / static_cast<double>(heads_per_kv);
-  if (!anchor_in_groups) return static_cast<float>(mass);
-  return static_cast<float>((mass + anchor_attention(anchor_sum, heads_per_kv)) /
-                            static_cast<double>(group_size + 1));
+  return static_cast<float>(vote_mass_of<double>(group_sum, anchor_sum, static_cast<double>(heads_per_kv),
+                                                 static_cast<double>(group_size + 1), anchor_in_groups));
 }
 
 // ---------------------------------------------------------------------------------------------

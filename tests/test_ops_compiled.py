@@ -1,26 +1,40 @@
 """The compiled ShiftKV op (torch.ops.mmshiftkv.shiftkv_scores) against the float64 reference.
 
-The op computes logits with a float32-accumulating GEMM (whatever BLAS the machine has) and its
-softmax and masses in float32, so its masses sit within the stated margin
-(:func:`mmshiftkv.ops.precision.mass_margin`) of the reference's. Nothing here depends on how a BLAS
+The op computes logits with a float32-accumulating GEMM (its own CPU kernel for the machine's ATen
+CPU capability, bfloat16 dot products where the CPU has them; cuBLAS on CUDA) and its softmax and
+masses in float32, so its masses sit within the stated margin
+(:func:`mmshiftkv.ops.precision.mass_margin`) of the reference's. Nothing here depends on how a GEMM
 rounds: a vote may differ only where the reference's masses are within that margin of a tie or of
 the tau boundary (found on the reference's masses), by at most one per group concerned; exact ties
 are tested on inputs whose logits every GEMM computes exactly (small integers, a power-of-two
-scale), against hand-computed vote tables.
+scale), against hand-computed vote tables. Every CPU kernel the machine can run (DEFAULT, AVX2,
+AVX-512) is checked, each in a process of its own under ``ATEN_CPU_CAPABILITY``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from mmshiftkv.ops import available, group_attention_mass, shiftkv_scores, votes_from_mass
-from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR
-from mmshiftkv.ops.precision import ZERO_FLOOR, mass_margin
+from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, cpu_kernel, logit_max
+from mmshiftkv.ops.precision import (
+    SMALLEST_NORMAL,
+    UNIT_ROUNDOFF,
+    ZERO_FLOOR,
+    logit_error,
+    mass_margin,
+    uncertain_votes,
+)
 from mmshiftkv.presses.selection import select_kept_indices
 
 pytestmark = pytest.mark.skipif(
@@ -38,11 +52,13 @@ class Case:
     key_mask: torch.Tensor | None
     options: dict
 
-    def to(self, device: str) -> Case:
-        mask = None if self.key_mask is None else self.key_mask.to(device)
-        return Case(
-            self.proxies.to(device), self.keys.to(device), self.last_query.to(device), mask, self.options
-        )
+    def to(self, target: str | torch.dtype) -> Case:
+        """The case on another device, or with its proxies, keys and last query in another dtype."""
+        mask = self.key_mask
+        if mask is not None and not isinstance(target, torch.dtype):
+            mask = mask.to(target)
+        tensors = (self.proxies.to(target), self.keys.to(target), self.last_query.to(target))
+        return Case(*tensors, mask, self.options)
 
 
 def _random_case(rng: random.Random, seq_len: int, adversarial: bool) -> Case:
@@ -84,42 +100,6 @@ def _random_case(rng: random.Random, seq_len: int, adversarial: bool) -> Case:
     return Case(proxies.to(dtype), keys.to(dtype), last_query.to(dtype), key_mask, options)
 
 
-def _uncertain_votes(mass: torch.Tensor, tau: float, coverage: str, margin: float) -> torch.Tensor:
-    """How many of its groups' votes for a token the op may cast differently: (batch, kv_heads, seq_len).
-
-    Each op mass is within ``margin`` (relative) plus ZERO_FLOOR of the reference's, so is every tail
-    sum, and the budget ``(1 - tau) * total``. Where a tail and the budget are that close, the voted
-    count may move by one; masses that close to each other may come out in either order, which
-    matters at the boundary between the last voted and the first unvoted token. Tokens whose mass
-    is that close to such a critical value are uncertain for that group.
-    """
-    seq_len = mass.shape[-1]
-    values = torch.sort(mass, dim=-1, descending=True, stable=True).values
-    suffix = values.flip(-1).cumsum(dim=-1).flip(-1)
-    tail = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)
-    budget = (1.0 - tau) * suffix[..., :1]
-    slack = margin * (tail + budget) + 2 * seq_len * ZERO_FLOOR
-    near_threshold = ((tail - budget).abs() <= slack) & (suffix[..., :1] > 0)
-    critical = near_threshold | torch.nn.functional.pad(near_threshold[..., :-1], (1, 0))
-
-    def close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a - b).abs() <= margin * (a + b) + 2 * ZERO_FLOOR
-
-    n_voted = votes_from_mass(mass, tau, coverage).sum(dim=-1, keepdim=True)
-    for position in (n_voted - 1, n_voted):  # the last voted and the first unvoted token
-        inside = (position >= 0) & (position < seq_len) & (n_voted > 0) & (n_voted < seq_len)
-        value = values.gather(-1, position.clamp(0, seq_len - 1))
-        near_tie = (close(mass, value) & (mass != value)).any(dim=-1, keepdim=True)
-        critical |= (torch.arange(seq_len) == position) & inside & near_tie
-
-    uncertain = torch.zeros_like(mass, dtype=torch.bool)
-    for group in critical.any(dim=-1).nonzero().tolist():
-        index = tuple(group)
-        for value in values[index][critical[index]]:
-            uncertain[index] |= close(mass[index], value)
-    return uncertain.sum(dim=2)
-
-
 @dataclass
 class Comparison:
     tokens: int  # real (batch, KV head, token) triples
@@ -128,12 +108,14 @@ class Comparison:
     kept_checked: int  # (KV head, budget) pairs whose kept sets had to be identical
 
 
-def _compare(case: Case, device: str) -> Comparison:
-    """Assert the op follows the reference on `device` within the stated margin."""
+def _compare(case: Case, device: str, scores: torch.Tensor | None = None) -> Comparison:
+    """Assert the op's scores (computed here unless given) follow the reference within the margin."""
     case = case.to(device)
     options = case.options
     args = (case.proxies, case.keys, case.last_query)
-    scores = shiftkv_scores(*args, key_mask=case.key_mask, backend="compiled", **options)
+    if scores is None:
+        scores = shiftkv_scores(*args, key_mask=case.key_mask, backend="compiled", **options)
+    scores = scores.to(device)
     mass, anchor = group_attention_mass(
         *args,
         n_groups=options["n_groups"],
@@ -145,7 +127,7 @@ def _compare(case: Case, device: str) -> Comparison:
     margin = mass_margin(*args, n_groups=options["n_groups"], scaling=options["scaling"])
     votes = votes_from_mass(mass, options["tau"], options["coverage"]).sum(dim=2).double()
     anchor_term = options["anchor_weight"] * anchor
-    allowed = _uncertain_votes(mass.cpu(), options["tau"], options["coverage"], margin).to(device)
+    allowed = uncertain_votes(mass.cpu(), options["tau"], options["coverage"], margin).to(device)
 
     real = torch.ones_like(votes, dtype=torch.bool)
     if case.key_mask is not None:
@@ -324,13 +306,32 @@ def test_tie_blocks_of_repeated_keys_follow_the_hand_table(device: str, coverage
 def test_margin_is_what_the_docstring_states() -> None:
     # head_dim 4, one KV head serving 2 query heads, 6 proxies in 2 groups: r * g = 6.
     proxies = torch.zeros(1, 2, 6, 4)
-    proxies[0, 0, 0] = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
+    proxies[0, 0, 0] = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5, largest element 4
     keys = torch.zeros(1, 1, 3, 4)
-    keys[0, 0, 1] = torch.tensor([0.0, 0.0, 2.0, 0.0])  # norm 2
+    keys[0, 0, 1] = torch.tensor([0.0, 0.0, 2.0, 0.0])  # norm 2, largest element 2
     last = torch.zeros(1, 2, 4)
-    logit_error = 2 * (4 + 2) * 2**-24 * 0.5 * 5.0 * 2.0
-    expected = math.expm1(2 * logit_error) + (6 + 16) * 2**-24
+    error = 0.5 * (2 * (4 + 2) * 2**-24 * 5.0 * 2.0 + 4 * 2**-126 * (1 + 4.0 + 2.0))
+    assert logit_error(torch.cat([proxies[0, 0], last[0]]), keys, scaling=0.5) == error
+    expected = math.expm1(2 * error) + (6 + 16) * 2**-24
     assert mass_margin(proxies, keys, last, n_groups=2, scaling=0.5) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_of_exact_logits_within_the_float32_share_of_the_margin(dtype: torch.dtype) -> None:
+    # One query row, one proxy (r * g = 1) and logits from 0 to -100 that any GEMM computes exactly
+    # (key = 8 x e_1, query e_1, scale 1/8): the anchor term is then the op's float32 exp,
+    # normalisation and mass alone, each token's within (1 + 16) * 2^-24 of exp's, or under ZERO_FLOOR.
+    keys = torch.zeros(1, 1, 801, 64, dtype=dtype)
+    keys[0, 0, :, 0] = -torch.arange(801.0)  # bfloat16 rounds the larger ones: still exact products
+    query = torch.zeros(1, 1, 64, dtype=dtype)
+    query[0, 0, 0] = 1.0
+    proxies = query[:, :, None].clone()
+    options = {"n_groups": 1, "tau": 1e-6, "scaling": 0.125, "anchor_weight": 1.0}
+    scores = shiftkv_scores(proxies, keys, query, backend="compiled", **options)
+    probabilities = torch.softmax(keys[0, 0, :, 0].double() / 8, dim=0)
+    anchor = scores[0, 0].double() - (torch.arange(801) == 0).double()  # token 0 takes the one vote
+    bound = (1 + 16) * UNIT_ROUNDOFF * probabilities + ZERO_FLOOR + 2**-24 * scores[0, 0].double()
+    assert bool(((anchor - probabilities).abs() <= bound).all())
 
 
 def test_all_padding_sample_and_single_token() -> None:
@@ -363,6 +364,117 @@ def test_deterministic_and_thread_count_independent() -> None:
         torch.set_num_threads(threads)
     again = shiftkv_scores(*args, backend="compiled", **case.options)
     assert torch.equal(first, single) and torch.equal(first, again)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernels: one per ATen CPU capability, the bfloat16 logits GEMM where the CPU has it.
+
+CAPABILITY_KERNELS = {"DEFAULT": "default", "AVX2": "avx2", "AVX512": "avx512"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = next((line.split(":")[1] for line in text.splitlines() if line.startswith("flags")), "")
+    return set(flags.split())
+
+
+def test_cpu_kernel_follows_the_aten_capability() -> None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = CAPABILITY_KERNELS.get(capability, "default")
+    assert cpu_kernel(torch.float32) == cpu_kernel(torch.float16) == expected
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo: cannot tell whether the CPU has AVX512-BF16")
+    native_bf16 = expected == "avx512" and "avx512_bf16" in flags
+    assert cpu_kernel(torch.bfloat16) == expected + ("_bf16" if native_bf16 else "")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logits_gemm_within_its_stated_error(dtype: torch.dtype) -> None:
+    # Row counts and key counts off the kernel's tiles and panels, an odd head_dim (bfloat16 pairs),
+    # large norms, and subnormal bfloat16 elements (flushed to zero by its dot products).
+    generator = torch.Generator().manual_seed(17)
+    for n_rows, seq_len, head_dim in [(1, 1, 1), (7, 63, 80), (13, 65, 127), (200, 1000, 128)]:
+        queries = torch.randn(n_rows, head_dim, generator=generator) * 30.0
+        keys = torch.randn(seq_len, head_dim, generator=generator)
+        if dtype == torch.bfloat16:
+            keys[:, :3] = 1e-39  # subnormal in bfloat16
+        queries, keys = queries.to(dtype), keys.to(dtype)
+        scaling = head_dim**-0.5
+        maxima = logit_max(queries, keys, scaling)
+        reference = (queries.double() @ keys.double().T * scaling).amax(dim=-1)
+        bound = logit_error(queries, keys, scaling=scaling)
+        assert maxima.dtype == torch.float32 and maxima.shape == (n_rows,)
+        assert float((maxima.double() - reference).abs().max()) <= bound, (n_rows, seq_len, head_dim)
+
+
+def test_logits_gemm_error_bound_is_tight_enough_to_mean_something() -> None:
+    # The stated bound is a worst case; the kernel's actual error on random data sits well inside
+    # it but is not zero (it is a float32 GEMM, not a float64 one).
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randn(60, 128, generator=generator) * 10
+    keys = torch.randn(3000, 128, generator=generator)
+    reference = (queries.double() @ keys.double().T).amax(-1)
+    error = float((logit_max(queries, keys, 1.0).double() - reference).abs().max())
+    assert 0 < error <= logit_error(queries, keys, scaling=1.0)
+    assert logit_error(queries, keys, scaling=1.0) < 1e3 * UNIT_ROUNDOFF * 10 * 128 + SMALLEST_NORMAL * 1e3
+
+
+def test_seven_b_shapes_in_bfloat16_follow_the_reference() -> None:
+    # Qwen2.5-VL-7B's head layout (28 query heads on 4 KV heads, head_dim 128), the paper's 10x proxy
+    # spread: on a CPU with AVX512-BF16 this runs the bfloat16 logits GEMM.
+    generator = torch.Generator().manual_seed(28)
+    proxies = (torch.randn(1, 28, 64, 128, generator=generator) * 10).bfloat16()
+    keys = torch.randn(1, 4, 1500, 128, generator=generator).bfloat16()
+    last = torch.randn(1, 28, 128, generator=generator).bfloat16()
+    options = {"n_groups": 4, "tau": 0.95, "scaling": 128**-0.5, "anchor_weight": 1.0}
+    options |= {"anchor_in_groups": False, "coverage": "smallest", "exclude_last_key": False}
+    result = _compare(Case(proxies, keys, last, None, options), "cpu")
+    assert result.differing_tokens <= result.tokens // 1000
+
+
+def _capabilities_to_check() -> list[str]:
+    """The ATen CPU capabilities this machine runs, up to the current one (DEFAULT < AVX2 < AVX512)."""
+    order = list(CAPABILITY_KERNELS)
+    current = torch.backends.cpu.get_cpu_capability()
+    return order[: order.index(current) + 1] if current in order else [current]
+
+
+_SCORE_CASES = """
+import json, sys, torch
+from mmshiftkv.ops import shiftkv_scores
+from mmshiftkv.ops.compiled import cpu_kernel
+cases = torch.load(sys.argv[1])
+scores = [
+    shiftkv_scores(*case["args"], key_mask=case["key_mask"], backend="compiled", **case["options"])
+    for case in cases
+]
+torch.save(scores, sys.argv[2])
+print(json.dumps({d: cpu_kernel(getattr(torch, d)) for d in ("float32", "bfloat16", "float16")}))
+"""
+
+
+def test_every_cpu_capability_runs_its_kernel_and_follows_the_reference(tmp_path: Path) -> None:
+    rng = random.Random(99)
+    dtypes = {5: torch.float32, 100: torch.bfloat16, 257: torch.float16, 700: torch.bfloat16}
+    cases = [_random_case(rng, seq_len, adversarial=False).to(dtype) for seq_len, dtype in dtypes.items()]
+    payload = [
+        {"args": (c.proxies, c.keys, c.last_query), "key_mask": c.key_mask, "options": c.options}
+        for c in cases
+    ]
+    torch.save(payload, tmp_path / "cases.pt")
+    command = [sys.executable, "-c", _SCORE_CASES, str(tmp_path / "cases.pt"), str(tmp_path / "scores.pt")]
+    for capability in _capabilities_to_check():
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        kernels = json.loads(done.stdout.strip().splitlines()[-1])
+        assert kernels["float32"] == kernels["float16"] == CAPABILITY_KERNELS.get(capability, "default")
+        for case, scores in zip(cases, torch.load(tmp_path / "scores.pt")):
+            _compare(case, "cpu", scores)
 
 
 def _valid_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

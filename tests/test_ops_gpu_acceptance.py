@@ -11,7 +11,16 @@ from mmshiftkv.registry import PRESSES
 from mmshiftkv.testing import FAMILIES
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_acceptance.py"
-STEPS = ["environment", "install", "op_tests", "op_vs_reference", "generate", "headwise_decode", "profile"]
+STEPS = [
+    "environment",
+    "install",
+    "op_tests",
+    "op_vs_reference",
+    "scoring_overhead",
+    "generate",
+    "headwise_decode",
+    "profile",
+]
 
 
 def _run(tmp_path: Path, *arguments: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -36,8 +45,9 @@ def test_dry_run_plans_every_step_within_eight_minutes(tmp_path: Path) -> None:
     assert report["planned_caps_s"] == sum(step["cap_s"] for step in steps) <= 8 * 60
     install = next(step for step in steps if step["name"] == "install")
     assert install["command"][-4:] == ["--no-build-isolation", "--no-deps", "-e", str(SCRIPT.parent.parent)]
-    op_bench = next(step for step in steps if step["name"] == "op_vs_reference")["command"]
-    assert op_bench[op_bench.index("--device") + 1] == "cuda"
+    for name in ("op_vs_reference", "scoring_overhead"):
+        command = next(step for step in steps if step["name"] == name)["command"]
+        assert command[command.index("--device") + 1] == "cuda"
 
 
 def test_unknown_step_is_refused(tmp_path: Path) -> None:

@@ -63,6 +63,15 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: Ro
         sin = sin[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
     if style in ("pairwise", "interleaved"):
         rotated = rotated * cos + rotate_pairs(rotated) * sin
+    elif rotated.dtype == torch.float32:
+        # One product and two in-place multiply-adds on the halves: no temporaries of the states'
+        # size (ShiftKV rotates 512 proxies per query head in every layer). Half-precision states
+        # keep the plain form, which ATen runs faster there than in-place updates of strided halves.
+        half = rotary_dim // 2
+        product = rotated * cos
+        product[..., :half].addcmul_(rotated[..., half:], sin[..., :half], value=-1)
+        product[..., half:].addcmul_(rotated[..., :half], sin[..., half:])
+        rotated = product
     else:
         rotated = rotated * cos + rotate_half(rotated) * sin
     return torch.cat([rotated, passed], dim=-1) if passed.shape[-1] else rotated

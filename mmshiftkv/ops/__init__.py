@@ -1,6 +1,7 @@
 """ShiftKV scoring: the compiled op (``torch.ops.mmshiftkv.shiftkv_scores``) and its torch reference.
 
-:func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs.
+:func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs;
+:func:`prompt_moments` gives the prompt statistics the proxies are drawn from.
 The reference's building blocks (:func:`group_attention_mass`, :func:`votes_from_mass`) are exported
 for ablations such as ranking by summed mass instead of votes.
 """
@@ -14,11 +15,13 @@ import torch
 from mmshiftkv.ops.checks import check_anchor_weight, check_scoring_inputs, check_vote_parameters
 from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, available, runs_on, shiftkv_scores_compiled
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference, votes_from_mass
+from mmshiftkv.ops.statistics import prompt_moments
 
 __all__ = [
     "BACKENDS",
     "available",
     "group_attention_mass",
+    "prompt_moments",
     "shiftkv_scores",
     "shiftkv_scores_reference",
     "votes_from_mass",
@@ -69,15 +72,17 @@ def shiftkv_scores(
     Numerics
     --------
     The torch backend computes everything in float64. The compiled op computes the logits by
-    matrix multiplication with float32 accumulation (CPU: a float32 GEMM through ATen; CUDA:
-    cuBLAS through ATen, float16/bfloat16 inputs on tensor cores with float32 output, float32
-    inputs in float32 unless TF32 is enabled for matmuls), over blocks of query rows so extra
-    memory stays O(n_groups * seq_len) per KV head; the softmax and the group masses in float32;
-    and the sums that decide a vote (a group's total and tail masses) in float64. Its masses are
-    within ``delta = mass_margin(...)`` (relative, :mod:`mmshiftkv.ops.precision`: about
-    ``2 * (head_dim + 2) * 2**-23 * scaling * max|q| * max|k|`` from the logits plus
-    ``(r * g + 16) * 2**-24``) plus ``2**-100`` (absolute, float32 underflow) of the float64
-    reference's. Hence:
+    matrix multiplication with float32 accumulation, over blocks of query rows so extra memory
+    stays O(n_groups * seq_len) per KV head: on the CPU its own GEMM kernels (float32 FMAs; for
+    bfloat16 inputs on CPUs with AVX512-BF16, bfloat16 dot products accumulating in float32, see
+    :func:`mmshiftkv.ops.compiled.cpu_kernel`), compiled per ATen CPU capability and picked from
+    ``torch.backends.cpu.get_cpu_capability()``; on CUDA cuBLAS through ATen (float16/bfloat16
+    inputs on tensor cores with float32 output, float32 inputs in float32 unless TF32 is enabled
+    for matmuls). The softmax and the group masses are float32, and the sums that decide a vote (a
+    group's total and tail masses) float64. Its masses are within ``delta = mass_margin(...)``
+    (relative, :mod:`mmshiftkv.ops.precision`: ``expm1(2 * logit_error)``, the logit error about
+    ``2 * (head_dim + 2) * 2**-24 * scaling * max|q| * max|k|``, plus ``(r * g + 16) * 2**-24``) plus
+    ``2**-100`` (absolute, float32 underflow) of the float64 reference's. Hence:
 
     * where the reference's masses are within that margin of a tie at a group's coverage boundary
       (the last voted against the first unvoted token) or of the tau boundary (a tail mass against

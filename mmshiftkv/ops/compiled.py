@@ -140,6 +140,49 @@ def runs_on(device: torch.device) -> bool:
     return available().get(device.type, False)
 
 
+def cpu_kernel(dtype: torch.dtype) -> str | None:
+    """Which CPU kernel of the compiled op scores inputs of ``dtype``.
+
+    The op's CPU kernels are compiled per ATen CPU capability and picked from
+    ``torch.backends.cpu.get_cpu_capability()`` (so ``ATEN_CPU_CAPABILITY`` selects them too).
+
+    Returns
+    -------
+    str or None
+        ``"avx512_bf16"`` (AVX-512 kernel, bfloat16 logits GEMM with float32 accumulation: bfloat16
+        inputs on a CPU with AVX512-BF16), ``"avx512"``, ``"avx2"`` or ``"default"`` (float32 logits
+        GEMM); None without the extension.
+    """
+    if _EXTENSION is None:
+        return None
+    return torch.ops.mmshiftkv.shiftkv_cpu_kernel(dtype)
+
+
+def logit_max(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The CPU op's logits GEMM alone: each row's max of ``scaling * queries @ keys.T``.
+
+    Same kernel, key packing, row blocks and epilogue as :func:`shiftkv_scores_compiled` on the CPU;
+    for the logits-floor benchmark and for testing the GEMM's rounding.
+
+    Parameters
+    ----------
+    queries : torch.Tensor
+        ``(n_rows, head_dim)`` CPU float16, bfloat16 or float32.
+    keys : torch.Tensor
+        ``(seq_len, head_dim)``, the dtype of ``queries``.
+    scaling : float
+        Logit scale.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_rows,)`` float32.
+    """
+    if not runs_on(torch.device("cpu")):
+        raise RuntimeError(f"the compiled ShiftKV op is unavailable ({LOAD_ERROR}); {BUILD_HINT}")
+    return torch.ops.mmshiftkv.shiftkv_logit_max(queries.detach(), keys.detach(), float(scaling))
+
+
 def shiftkv_scores_compiled(
     proxies: torch.Tensor,
     keys: torch.Tensor,

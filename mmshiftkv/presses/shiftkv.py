@@ -19,10 +19,6 @@ from mmshiftkv.validation import check_bool, check_int, check_real
 #: tightest setting (Table 1), 64 prompt tokens per KV head.
 DEFAULT_BUDGET = 64
 
-#: Floats per chunk of the statistics' pass: bounds its float32 temporary to 4 MB in few enough ops
-#: that per-op overhead stays small against the prompt's size.
-STATS_CHUNK_ELEMENTS = 1 << 20
-
 
 def weight_fingerprint(weight: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W 1, W probe)`` of a ``(out, in)`` weight, ``(out,)`` each: the row sums accumulated in float32
@@ -263,9 +259,10 @@ class ShiftKVPress(BudgetedPress):
             return adapter.query_states(module, proxy_states)
         mean, std = self.prompt_statistics(hidden_states, key_mask)  # (batch, 1) each
         row_sums, projected_noise = self._projected_noise(projection, module.layer_idx)
-        projected = mean[:, :, None] * row_sums + (self.gamma * std)[:, :, None] * projected_noise.float()
+        offset = mean[:, :, None] * row_sums  # (batch, 1, q_out): the proxies' common part
         if projection.bias is not None:
-            projected = projected + projection.bias.float()
+            offset = offset + projection.bias.float()
+        projected = torch.addcmul(offset, (self.gamma * std)[:, :, None], projected_noise)  # float32
         return adapter.query_heads(module, projected.to(hidden_states.dtype))
 
     def _projected_noise(self, projection: nn.Linear, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,24 +312,8 @@ class ShiftKVPress(BudgetedPress):
         return torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments]).sqrt()
 
     def _moments(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and unbiased variance of ``(tokens, hidden)`` states in float32, ``(1,)`` or ``(hidden,)``.
-
-        One pass over token chunks, each converted to float32 once, summing deviations from the
-        first chunk's mean (the shifted-data algorithm: no cancellation unless the prompt's mean is
-        many standard deviations away from its first chunk's), so no prompt-sized temporary is made.
-        """
-        dims = None if self.statistics == "global" else 0
-        count = states.numel() if dims is None else states.shape[0]
-        chunks = states.split(max(1, STATS_CHUNK_ELEMENTS // states.shape[-1]))
-        shift = chunks[0].float().mean(dim=dims)
-        first = second = 0
-        for chunk in chunks:
-            deviations = chunk.float() - shift
-            first = first + deviations.sum(dim=dims)
-            second = second + deviations.square_().sum(dim=dims)
-        mean = shift + first / count
-        variance = (second - first * first / count) / max(count - 1, 1)
-        return mean.reshape(-1), variance.clamp(min=0).reshape(-1)
+        """Mean and unbiased variance of ``(tokens, hidden)`` states, float32 (:func:`ops.prompt_moments`)."""
+        return ops.prompt_moments(states, per_feature=self.statistics != "global")
 
     def score(
         self,
