@@ -1,7 +1,7 @@
 """What ShiftKV's check for a changed q_proj weight costs, against the prefill of the layer it serves.
 
 A reused :class:`~mmshiftkv.presses.ShiftKVPress` keeps each layer's projected proxy noise ``W z``
-and, at every prefill, recomputes the weight's fingerprint (its float32 row sums and its product with
+and, at every prefill, recomputes the weight's fingerprint (its product with
 a random vector, :func:`mmshiftkv.presses.shiftkv.weight_fingerprint`) to notice a changed weight. One
 decoder layer with Qwen2.5-VL-7B's text dimensions (the model of ``bench_shiftkv_overhead.py``,
 random weights, CPU) prefills T tokens; printed as JSON per dtype and length: the median prefill
@@ -16,30 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from bench_shiftkv_overhead import plain_prefill, qwen25vl_7b_layer
+from bench_shiftkv_overhead import Clock, plain_prefill, qwen25vl_7b_layer
 
 from mmshiftkv import ShiftKVPress
 from mmshiftkv.presses.shiftkv import weight_fingerprint
 
 FINGERPRINT_REPEATS = 20
+CLOCK = Clock("cpu")
 
 
 def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(CLOCK.time(function) for _ in range(repeats))
 
 
 def measure(model, length: int, dtype: torch.dtype, repeats: int) -> dict:
     embeds = torch.randn(1, length, 3584, generator=torch.Generator().manual_seed(length)).to(dtype)
-    plain_prefill(model, embeds)  # warm-up: allocator, thread pool
-    prefill_s = statistics.median(plain_prefill(model, embeds) for _ in range(repeats))
+    plain_prefill(model, embeds, CLOCK)  # warm-up: allocator, thread pool
+    prefill_s = statistics.median(plain_prefill(model, embeds, CLOCK) for _ in range(repeats))
     projection = model.model.layers[0].self_attn.q_proj
     probe = torch.randn(projection.weight.shape[1]).to(dtype)
     with torch.no_grad():
@@ -70,7 +65,7 @@ def main() -> None:
     results = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        model = qwen25vl_7b_layer(1, dtype)
+        model = qwen25vl_7b_layer(dtype, "cpu")
         for length in (int(n) for n in args.lengths.split(",")):
             results.append({"dtype": dtype_name, **measure(model, length, dtype, args.repeats)})
         del model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from mmshiftkv.ops import compiled
@@ -41,3 +43,20 @@ def test_no_key_without_the_source_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(compiled, "SOURCES", tmp_path / "missing")
     assert compiled.build_key() is None
     assert compiled.cached_extension() is None
+
+
+def test_an_extension_from_older_sources_is_recognised_by_its_missing_operators():
+    from types import SimpleNamespace
+
+    older = SimpleNamespace(shiftkv_scores=object(), shiftkv_logit_max=object())
+    assert compiled.missing_operators(older) == ["prompt_moments", "shiftkv_cpu_kernel"]
+    everything = SimpleNamespace(**{name: object() for name in compiled.OPERATORS})
+    assert compiled.missing_operators(everything) == []
+
+
+def test_every_operator_the_sources_define_is_checked():
+    sources = "\n".join(
+        path.read_text() for path in compiled.SOURCES.rglob("*") if path.suffix in (".cpp", ".cu")
+    )
+    defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', sources))
+    assert defined == set(compiled.OPERATORS)

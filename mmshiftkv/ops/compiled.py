@@ -75,13 +75,26 @@ def cached_extension() -> Path | None:
     return path if path.is_file() else None
 
 
+#: The operators ``csrc/`` defines: an extension that lacks one was built from older sources.
+OPERATORS = ("shiftkv_scores", "shiftkv_logit_max", "prompt_moments", "shiftkv_cpu_kernel")
+
+
+def missing_operators(namespace: object) -> list[str]:
+    """The :data:`OPERATORS` that ``namespace`` (``torch.ops.mmshiftkv``) does not hold."""
+    return [name for name in OPERATORS if not hasattr(namespace, name)]
+
+
 def _load() -> tuple[object | None, str | None, str | None]:
     try:
         module = importlib.import_module("mmshiftkv._C")
     except (ImportError, OSError) as error:  # not built, or built against another torch
         in_tree = f"{type(error).__name__}: {error}"
     else:
-        return module, module.__file__, None
+        missing = missing_operators(torch.ops.mmshiftkv)
+        if not missing:
+            return module, module.__file__, None
+        # Its operators are registered now: another build cannot load in this process.
+        return None, None, f"{module.__file__} was built from older sources (it lacks {', '.join(missing)})"
     path = cached_extension()
     if path is None:
         return None, None, f"{in_tree}; the op cache has no build for torch {torch.__version__}"
