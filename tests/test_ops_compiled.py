@@ -547,3 +547,36 @@ def test_non_contiguous_inputs() -> None:
     op = shiftkv_scores(proxies, keys, last, backend="compiled", **options)
     contiguous = (t.contiguous() for t in (proxies, keys, last))
     assert torch.equal(op, shiftkv_scores(*contiguous, backend="compiled", **options))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "poison",
+    ["nan_key", "inf_key", "nan_padded_key", "nan_last_query", "nan_proxy"],
+)
+def test_non_finite_inputs_give_the_references_nan_heads(device: str, poison: str) -> None:
+    """A NaN or inf real key or last query makes its head's scores NaN in the float64 reference (so a
+    press refuses it); the op gives the same heads NaN, padded keys and proxies stay harmless."""
+    generator = torch.Generator().manual_seed(7)
+    batch, kv_heads, group, n_proxies, seq_len, head_dim = 2, 2, 2, 64, 24, 16
+    proxies = torch.randn(batch, kv_heads * group, n_proxies, head_dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
+    last_query = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
+    key_mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    key_mask[1, :3] = False
+    if poison == "nan_key":
+        keys[0, 1, 5, 2] = float("nan")
+    elif poison == "inf_key":
+        keys[1, 0, 9, 0] = float("inf")
+    elif poison == "nan_padded_key":
+        keys[1, 1, 1] = float("nan")
+    elif poison == "nan_last_query":
+        last_query[0, 1] = float("nan")  # query head 1 reads KV head 0
+    else:
+        proxies[1, 3, 10] = float("nan")
+    args = (proxies.to(device), keys.to(device), last_query.to(device))
+    options = dict(n_groups=8, tau=0.95, scaling=0.25, key_mask=key_mask.to(device))
+    reference = shiftkv_scores(*args, **options, backend="torch")
+    compiled = shiftkv_scores(*args, **options, backend="compiled")
+    assert torch.equal(compiled.isnan().any(-1).cpu(), reference.isnan().any(-1).cpu())
+    assert bool(reference.isnan().any()) == (poison in ("nan_key", "inf_key", "nan_last_query"))

@@ -216,7 +216,7 @@ def shiftkv_scores_compiled(
         raise RuntimeError(
             f"the compiled ShiftKV op is unavailable on {proxies.device} ({reason}); {BUILD_HINT}"
         )
-    return torch.ops.mmshiftkv.shiftkv_scores(
+    scores = torch.ops.mmshiftkv.shiftkv_scores(
         proxies.detach(),
         keys.detach(),
         last_query.detach(),
@@ -229,3 +229,21 @@ def shiftkv_scores_compiled(
         coverage,
         exclude_last_key,
     )
+    return scores.masked_fill(non_finite_heads(keys, last_query, key_mask)[..., None], float("nan"))
+
+
+def non_finite_heads(
+    keys: torch.Tensor, last_query: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``(batch, kv_heads)`` bool: heads with a non-finite real key or last query.
+
+    The reference scores those heads NaN (their softmax rows are NaN), and presses refuse NaN scores;
+    the op's kernels take the row maximum and exponentials over finite logits only, so they would
+    score them finite. One read of the keys, a few hundredths of the op's time.
+    """
+    bad_keys = ~torch.isfinite(keys).all(-1)  # (batch, kv_heads, seq_len)
+    if key_mask is not None:
+        bad_keys &= key_mask[:, None, :].to(bad_keys.device)
+    batch, kv_heads = keys.shape[:2]
+    bad_query = (~torch.isfinite(last_query).all(-1)).view(batch, kv_heads, -1).any(-1)
+    return bad_keys.any(-1) | bad_query
