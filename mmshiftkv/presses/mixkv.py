@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -113,6 +113,10 @@ class MixKVPress(BudgetedPress):
     allocation : {"base", "mixed"}, default="base"
         The scores an allocator that needs scores (AdaKV) receives.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = (
+        "it mixes the scores of a wrapped base press, whose chunked-prefill needs it does not forward yet"
+    )
 
     base: BudgetedPress | None = None
     window_size: int = 32
