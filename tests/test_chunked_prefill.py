@@ -21,6 +21,7 @@ from mmshiftkv.cache import cache_argument, compressed_attention
 from mmshiftkv.presses import (
     CompressionSkippedWarning,
     ExternalScorerPress,
+    LookMPress,
     PressUsageError,
     ShiftKVPress,
     SnapKVPress,
@@ -33,12 +34,17 @@ BUDGET = 8
 CHUNKS = (1, 7)
 BATCH = [QUESTION, "Short?"]
 #: Presses that score a chunked prefill, and those that refuse it (with the reason in their message).
-CHUNKED = ("expected_attention", "full", "keydiff", "last_attn", "shiftkv", "snapkv", "streaming_llm")
-REFUSED = {
-    "lookm": "attention every prompt query pays",
-    "mixkv": "wrapped base press",
-    "vlcache": "post-vision query",
-}
+CHUNKED = (
+    "expected_attention",
+    "full",
+    "keydiff",
+    "last_attn",
+    "mixkv",
+    "shiftkv",
+    "snapkv",
+    "streaming_llm",
+)
+REFUSED = {"lookm": "attention every prompt query pays", "vlcache": "post-vision query"}
 
 
 def fresh_press(name: str, **fields):
@@ -160,6 +166,7 @@ MANUAL_PRESSES = [
     ("streaming_llm", {}),
     ("last_attn", {}),
     ("expected_attention", {}),
+    ("mixkv", {"window_size": 4, "base": ShiftKVPress()}),
 ]
 
 
@@ -219,6 +226,9 @@ def test_whole_model_allocators_and_external_scorers_refuse_a_chunked_prefill():
         manual_prefill(model, inputs, press, 7)
     press = ExternalScorerPress(press=SnapKVPress(budget=BUDGET), budget=BUDGET)
     with pytest.raises(PressUsageError, match="ExternalScorerPress cannot score .*keyword arguments"):
+        manual_prefill(model, inputs, press, 7)
+    press = make_press("mixkv", budget=BUDGET, window_size=4, base=LookMPress())
+    with pytest.raises(PressUsageError, match="MixKVPress cannot .*its base press LookMPress cannot"):
         manual_prefill(model, inputs, press, 7)
 
 
