@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_shiftkv_overhead import qwen25vl_7b_layer  # the script's directory is on sys.path
+from bench_layer_budgets import two_layer_model  # the script's directory is on sys.path
 from transformers import DynamicCache
 
 from mmshiftkv.presses import BudgetedPress
@@ -86,8 +86,8 @@ def prefill(model, embeds: torch.Tensor, press, chunk: int) -> tuple[float, Dyna
     return seconds, cache, held[0]
 
 
-def child(length: int, chunk: int, press_name: str, layers: int, repeats: int) -> dict:
-    model = qwen25vl_7b_layer(layers, torch.float32)
+def child(length: int, chunk: int, press_name: str, repeats: int) -> dict:
+    model = two_layer_model(torch.float32)
     embeds = torch.randn(1, length, 3584, generator=torch.Generator().manual_seed(length))
     prefill(model, embeds[:, :WARM_UP_TOKENS], press_named(press_name), 0)  # thread pool, first touches
     baseline = resident_mb()
@@ -124,13 +124,12 @@ def main() -> None:
     parser.add_argument("--chunks", default="0,512,2048", help="comma-separated chunk sizes; 0: one forward")
     parser.add_argument("--presses", default=",".join(PRESS_NAMES))
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         length, chunk, name = args.child.split(":")
-        print(json.dumps(child(int(length), int(chunk), name, args.layers, args.repeats)))
+        print(json.dumps(child(int(length), int(chunk), name, args.repeats)))
         return
 
     results = []
@@ -139,7 +138,7 @@ def main() -> None:
             one_forward = None
             for chunk in (int(c) for c in args.chunks.split(",")):
                 command = [sys.executable, __file__, "--child", f"{length}:{chunk}:{name}"]
-                command += ["--layers", str(args.layers), "--repeats", str(args.repeats)]
+                command += ["--repeats", str(args.repeats)]
                 entry = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
                 if chunk == 0:
                     one_forward = entry
@@ -151,7 +150,7 @@ def main() -> None:
                 print(json.dumps(entry), file=sys.stderr, flush=True)
     report = {
         "benchmark": "chunked prefill under a press: peak memory and time vs chunk size",
-        "model": f"{args.layers} Qwen2.5-VL-7B text layers, cpu, float32, random weights, sdpa",
+        "model": "2 Qwen2.5-VL-7B text layers, cpu, float32, random weights, sdpa",
         "budget": BUDGET,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
