@@ -107,3 +107,16 @@ def test_grounding_benchmark_without_the_fig1_analysis(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["fig1"] is None and report["rows"]
     assert not list(tmp_path.glob("fig1*.png"))
+
+
+def test_chunked_prefill_benchmark_keeps_the_same_tokens_and_counts_its_state() -> None:
+    args = ["--lengths", "128", "--chunks", "0,50", "--presses", "shiftkv", "--repeats", "1"]
+    report = json.loads(run_benchmark("bench_chunked_prefill.py", *args))
+    one_forward, chunked = report["results"]
+    assert (one_forward["chunk"], chunked["chunk"]) == (128, 50)
+    assert chunked["kept_equal"] is True and chunked["kv_bytes_equal"] is True
+    assert chunked["kv_bytes_after"] == 2 * 64 * KV_VALUES_PER_TOKEN * 4  # 2 layers, budget 64, float32
+    # Across chunks ShiftKV keeps per layer 8 rows of the 3584-wide attention input (float32) and 3
+    # float64 statistics, and the prompt's 128 int64 positions; a one-forward prefill keeps nothing.
+    assert chunked["state_bytes"] == 2 * (8 * 3584 * 4 + 3 * 8) + 128 * 8
+    assert one_forward["state_bytes"] == 0

@@ -32,6 +32,9 @@ RotationStyle = Literal["half", "pairwise", "interleaved"]
 #: Relative error under which a candidate rotation counts as reproducing the model's keys. Wrong
 #: rules are off by O(1); fp32 re-computation agrees to ~1e-6, bf16 to ~1e-2.
 ROTATION_TOLERANCE = 5e-2
+#: Last prompt tokens whose keys :meth:`ModelAdapter.verify_rotation` reproduces (a chunked prefill keeps
+#: at least these rows of every layer's attention input).
+ROTATION_CHECK_ROWS = 8
 
 
 class UnsupportedModelError(TypeError):
@@ -319,7 +322,7 @@ class ModelAdapter:
         """
         if self.rotation_style is not None:
             return
-        n = min(cached_keys.shape[2], 8)
+        n = min(cached_keys.shape[2], ROTATION_CHECK_ROWS)
         with torch.no_grad():
             raw = self.key_states(attention, hidden_states[:, -n:]).float()
             cos, sin = self.rotary_cos_sin(raw, positions[..., -n:], attention)

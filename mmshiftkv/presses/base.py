@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from transformers import Cache
 from mmshiftkv.allocators.base import Allocator
 from mmshiftkv.cache import CompressedLayer, guard_cache
 from mmshiftkv.presses.deferred import DeferredLayers
-from mmshiftkv.presses.errors import CompressionSkippedWarning
+from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError
 from mmshiftkv.presses.selection import select_kept_indices
 from mmshiftkv.presses.session import PressSession
 from mmshiftkv.presses.state import CompressionStats, ScoringState
@@ -135,6 +136,86 @@ class BudgetedPress:
         finally:
             self._state = previous
 
+    # ------------------------------------------------------ chunked prefill
+    #: Why the press cannot score a prompt that arrives in chunks, or None where it can: what it reads
+    #: of the attention input is then declared by :attr:`prefill_rows` and :meth:`accumulate_chunk`.
+    chunked_prefill_refusal: ClassVar[str | None] = (
+        "its score may read more of the prefill forward than a chunk holds, and it declares no chunked "
+        "prefill support (prefill_rows / accumulate_chunk)"
+    )
+
+    def chunked_prefill_reason(self) -> str | None:
+        """Why this press, with its allocator, cannot score a chunked prefill; None where it can."""
+        if (
+            self.chunked_prefill_refusal is None
+            and self.allocator is not None
+            and self.allocator.needs_all_layers
+        ):
+            return (
+                f"{type(self.allocator).__name__} allocates from statistics of every prompt query in every "
+                "layer, which a chunked prefill does not keep"
+            )
+        return self.chunked_prefill_refusal
+
+    @property
+    def prefill_rows(self) -> int | None:
+        """Trailing attention-input rows :meth:`score` reads as ``hidden_states`` (None: every row).
+
+        Under a chunked prefill (:mod:`mmshiftkv.presses.chunked`) only these rows of each layer are
+        kept across chunks and given to :meth:`score`; what a press needs of the other rows it gathers
+        in :meth:`accumulate_chunk`. Default 0: the keys in the cache suffice.
+        """
+        return 0
+
+    def accumulate_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        keys: torch.Tensor | None,
+        previous: Any,
+    ) -> Any:
+        """Fold one prefill chunk of ``module``'s layer into what :meth:`score` needs of the whole prompt.
+
+        Called once per chunk and KV layer, with :attr:`state` bound to the chunk (its positions, and its
+        padding over the keys so far); :meth:`score` finds the result at the end of the prompt as
+        ``self.state.accumulated(module)``. Default: nothing (None).
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            The chunk's attention input, ``(batch, n_tokens, hidden)``.
+        real : torch.Tensor
+            ``(batch, n_tokens)`` bool, True for the chunk's real tokens.
+        keys : torch.Tensor or None
+            The layer's keys so far, ``(batch, kv_heads, keys, head_dim)`` (None where unavailable).
+        previous : object
+            What this method returned for the layer's previous chunk (None for the first).
+        """
+        return None
+
+    def expect_prompt(self, prompt_length: int) -> None:
+        """Announce that the next prefill spans ``prompt_length`` tokens per row and may come in chunks.
+
+        Inside ``with press(model):``, forwards over one cache that together hold ``prompt_length``
+        tokens per row (padding included) are one prompt: each chunk is folded in as it passes and the
+        cache is compressed at the end of the forward that completes the prompt, exactly as a
+        one-forward prefill would be. Without it a forward on an empty cache is the whole prompt (what
+        ``model.generate`` announces itself, ``prefill_chunk_size`` or not). The announcement holds for
+        one prompt.
+
+        Raises
+        ------
+        PressUsageError
+            Outside ``with press(model):``, or while a chunked prefill is under way.
+        """
+        if self._session is None:
+            raise PressUsageError(
+                f"{type(self).__name__}.expect_prompt is called inside `with press(model):`, "
+                "before the prefill"
+            )
+        self._session.expect_prompt(prompt_length)
+
     # ---------------------------------------------------------- compression
     def kept_counts(self, layer: int, n_tokens: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         """Tokens to keep per (sample, KV head) in KV layer ``layer``, ``(batch, kv_heads)`` int64."""
@@ -202,10 +283,12 @@ class BudgetedPress:
         adapter = self.state.adapter
         batch, _, seq_len, _ = keys.shape
         held = keys.nbytes + values.nbytes
-        if getattr(module, "sliding_window", None) or seq_len < hidden_states.shape[1]:
+        # A chunked prefill hands only the prompt's last rows as hidden_states.
+        prompt_length = self.state.prompt_length or hidden_states.shape[1]
+        if getattr(module, "sliding_window", None) or seq_len < prompt_length:
             # Sliding-window layers keep their own window (at most `sliding_window` tokens): decoding
             # past the window over a compressed layer would not match the model's semantics.
-            n_tokens = self.state.n_tokens(batch, hidden_states.shape[1], keys.device)
+            n_tokens = self.state.n_tokens(batch, prompt_length, keys.device)
             kept = n_tokens.clamp(max=seq_len)[:, None].expand(-1, adapter.n_kv_heads)
             return adapter.ordinal(module), n_tokens, kept, None, held, held
         if not self.asks_compression:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -10,7 +11,25 @@ from torch import nn
 from mmshiftkv.models.adapter import rotate
 from mmshiftkv.presses.attention import mean_over_query_groups
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.presses.moments import Moments
 from mmshiftkv.validation import check_bool, check_int, check_real
+
+
+@dataclass
+class QueryStatistics:
+    """Running moments of one layer's pre-RoPE prompt queries, ``(batch, heads, head_dim)`` features.
+
+    Attributes
+    ----------
+    real_seen : torch.Tensor
+        ``(batch,)`` real tokens folded in so far (which of the next ones are sinks).
+    sinks, others : Moments
+        Of the first ``n_sink`` real tokens, and of the rest.
+    """
+
+    real_seen: torch.Tensor
+    sinks: Moments
+    others: Moments
 
 
 @dataclass(kw_only=True)
@@ -26,6 +45,8 @@ class ExpectedAttentionPress(BudgetedPress):
     instead of kvpress's ``seq_len``, which also fixes kvpress's crash on 3-D M-RoPE positions. Sinks
     are always kept. Given a window of recent hidden states (kvpress's decoding presses, through
     :func:`~mmshiftkv.interop.kvpress.to_kvpress`), the statistics are those of the window's queries.
+    Under a chunked prefill the query moments are merged chunk by chunk (:class:`QueryStatistics`, the
+    same algorithm as in one forward).
 
     Parameters
     ----------
@@ -40,6 +61,8 @@ class ExpectedAttentionPress(BudgetedPress):
     epsilon : float, default=0.0
         Added to the attention before the value-norm rescaling.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     n_future_positions: int = 512
     n_sink: int = 4
@@ -74,6 +97,36 @@ class ExpectedAttentionPress(BudgetedPress):
         # Row j of the rotated basis is R e_j, the j-th column of R.
         return rotate(basis, cos, sin, adapter.rotation_style or "half").transpose(-1, -2)
 
+    def accumulate_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        keys: torch.Tensor | None,
+        previous: QueryStatistics | None,
+    ) -> QueryStatistics:
+        """Fold a chunk's pre-RoPE queries (sinks apart) into the layer's :class:`QueryStatistics`."""
+        if previous is None:
+            return self._query_statistics(
+                module, hidden_states, real, real.new_zeros(real.shape[0], dtype=torch.long)
+            )
+        chunk = self._query_statistics(module, hidden_states, real, previous.real_seen)
+        return QueryStatistics(
+            chunk.real_seen, previous.sinks.merge(chunk.sinks), previous.others.merge(chunk.others)
+        )
+
+    def _query_statistics(
+        self, module: nn.Module, hidden_states: torch.Tensor, real: torch.Tensor, earlier: torch.Tensor
+    ) -> QueryStatistics:
+        """:class:`QueryStatistics` of the real rows of ``hidden_states``, after ``earlier`` ``(batch,)``
+        real tokens of the prompt."""
+        queries = self.state.adapter.query_states(module, hidden_states).transpose(1, 2)  # (b, n, h, d)
+        real_index = earlier[:, None] + real.long().cumsum(-1) - 1
+        sink = real & (real_index < self.n_sink)
+        sinks = Moments.of(queries, sink, covariance=self.use_covariance)
+        others = Moments.of(queries, real & ~sink, covariance=self.use_covariance)
+        return QueryStatistics(earlier + real.sum(-1), sinks, others)
+
     def score(
         self,
         module: nn.Module,
@@ -93,26 +146,28 @@ class ExpectedAttentionPress(BudgetedPress):
         )
         real_index = real.long().cumsum(-1) - 1
         sink = real & (real_index < self.n_sink)
-        # The queries are those of the last n_queries keys: the whole prompt at prefill, the recent
-        # tokens when a decoding press (kvpress's DecodingPress) hands a window of hidden states.
-        n_queries = hidden_states.shape[1]
-        stat_tokens = (real & ~sink)[:, seq_len - n_queries :]
-        if not bool(stat_tokens.any(-1).all()):
-            stat_tokens = real[:, seq_len - n_queries :]  # prompts of at most n_sink tokens: use them all
+        statistics = state.accumulated(module)
+        if statistics is None:
+            # The queries are those of the last n_queries keys: the whole prompt at prefill, the recent
+            # tokens when a decoding press (kvpress's DecodingPress) hands a window of hidden states.
+            n_queries = hidden_states.shape[1]
+            earlier = real[:, : seq_len - n_queries].sum(-1)
+            statistics = self._query_statistics(
+                module, hidden_states, real[:, seq_len - n_queries :], earlier
+            )
+        moments = statistics.others
+        if not bool((moments.count > 0).all()):
+            moments = moments.merge(statistics.sinks)  # prompts of at most n_sink tokens: use them all
 
-        queries = state.adapter.query_states(module, hidden_states).float()
-        weights = stat_tokens[:, None, :, None].float()
-        count = weights.sum(2, keepdim=True)
-        raw_mean = (queries * weights).sum(2, keepdim=True) / count
-        rotation = self.averaged_rotation(queries, module)[:, None]
-        mean = torch.matmul(raw_mean, rotation.transpose(-1, -2)).squeeze(2)
+        raw_mean = moments.mean.float()  # (batch, heads, head_dim)
+        rotation = self.averaged_rotation(raw_mean, module)[:, None]
+        mean = torch.matmul(raw_mean[:, :, None], rotation.transpose(-1, -2)).squeeze(2)
 
-        q_heads = queries.shape[1]
+        q_heads = raw_mean.shape[1]
         expanded = keys.float().repeat_interleave(q_heads // kv_heads, dim=1)
         logits = torch.einsum("bhtd,bhd->bht", expanded, mean) * module.scaling
         if self.use_covariance:
-            centered = (queries - raw_mean) * weights
-            cov = torch.einsum("bhti,bhtj->bhij", centered, centered) / count
+            cov = (moments.m2 / moments.count.clamp(min=1)[:, None, None, None]).float()
             cov = rotation @ cov @ rotation.transpose(-1, -2)
             logits = (
                 logits

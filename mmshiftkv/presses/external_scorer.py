@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +60,11 @@ class ExternalScorerPress(BudgetedPress):
         The scorer whose ``score(module, hidden_states, keys, values, attentions, kwargs)`` decides
         which tokens to keep.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = (
+        "a wrapped scorer reads the forward's keyword arguments and attention weights, "
+        "which under chunks describe only the last chunk's queries"
+    )
 
     press: Any = None
 

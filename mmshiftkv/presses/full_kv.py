@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ class FullKVPress(BudgetedPress):
     It still runs inside the press machinery, so :attr:`stats` reports the prompt and cache size,
     but it never scores nor drops anything; generation is identical to running without a press.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

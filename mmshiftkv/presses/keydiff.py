@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ class KeyDiffPress(BudgetedPress):
     unlike kvpress's version which averages over every position); the last prompt token is always
     kept by the base class.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     def score(
         self,

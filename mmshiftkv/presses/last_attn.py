@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +20,13 @@ class LastAttnPress(BudgetedPress):
     KV head ``h`` is the softmax attention of the last prompt query, averaged over the query heads
     of ``h``, computed with the model's own RoPE / M-RoPE positions.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
+
+    @property
+    def prefill_rows(self) -> int:
+        """The last prompt token's attention input (its query)."""
+        return 1
 
     def score(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -82,6 +83,11 @@ class LookMPress(BudgetedPress):
         Merge as the released code (the rank filter of the average/weighted merges, the average merge's
         misaligned sources). Needs ``merging``.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = (
+        "its score sums the attention every prompt query pays every key (accumulable chunk by chunk, "
+        "not built yet), and its text prior reads the whole prompt's image mask"
+    )
 
     merging: MergeRule | None = "pivot"
     text_prior: bool = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -114,6 +114,8 @@ class MixKVPress(BudgetedPress):
         The scores an allocator that needs scores (AdaKV) receives.
     """
 
+    chunked_prefill_refusal: ClassVar[str | None] = None
+
     base: BudgetedPress | None = None
     window_size: int = 32
     redundancy: RedundancySource | None = None
@@ -190,6 +192,31 @@ class MixKVPress(BudgetedPress):
         if self._table is not None:
             adapter = get_adapter(model)
             check_redundancy_shape(self._table, adapter.n_layers, adapter.n_kv_heads, self._where)
+
+    # ------------------------------------------------------ chunked prefill
+    def chunked_prefill_reason(self) -> str | None:
+        """The base press's reason (MixKV itself reads only keys and values), then the allocator's."""
+        reason = self.base.chunked_prefill_reason()
+        if reason is not None:
+            return f"its base press {type(self.base).__name__} cannot: {reason}"
+        return super().chunked_prefill_reason()
+
+    @property
+    def prefill_rows(self) -> int | None:
+        """The base press's rows (SnapKV's window)."""
+        return self.base.prefill_rows
+
+    def accumulate_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        keys: torch.Tensor | None,
+        previous: object,
+    ) -> object:
+        """The base press's accumulation, which its ``score`` finds under MixKV's prompt state."""
+        with self.base.scoring(self.state):
+            return self.base.accumulate_chunk(module, hidden_states, real, keys, previous)
 
     # ---------------------------------------------------------------- scoring
     def score(

@@ -37,10 +37,12 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from mmshiftkv.cache import CompressedLayer, compressed_attention, find_cache
-from mmshiftkv.cache.masks import full_mask, last_rows, padding_mask
+from mmshiftkv.cache.masks import block_edges, full_mask, last_rows, padding_mask
 from mmshiftkv.models.adapter import get_adapter
+from mmshiftkv.presses.chunked import ChunkedPrefill
 from mmshiftkv.presses.errors import CompressionSkippedWarning, PressUsageError, UnsupportedCacheError
 from mmshiftkv.presses.state import ScoringState
+from mmshiftkv.validation import check_int
 
 if TYPE_CHECKING:
     from mmshiftkv.presses.base import BudgetedPress
@@ -143,6 +145,20 @@ class _Forward:
     scoring: bool = False
     #: The prompt's token ids (the decoder's, else those the model was called with), for the image mask.
     input_ids: torch.Tensor | None = None
+    #: Tokens per row the cache held before this forward (> 0 for a later chunk of a chunked prefill).
+    past: int = 0
+    #: The chunked prefill this forward brings a chunk of (None: a one-forward prefill, or no prefill).
+    chunked: ChunkedPrefill | None = None
+    #: :func:`~mmshiftkv.cache.masks.block_edges` of the forward's mask.
+    edges: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class _ExpectedPrompt:
+    """The length the next prefill spans, announced by ``generate`` or by ``press.expect_prompt``."""
+
+    length: int
+    by_generate: bool
 
 
 class PressSession:
@@ -174,10 +190,12 @@ class PressSession:
         #: The forward in flight, set by the decoder pre-hook; None between forwards.
         self.forward: _Forward | None = None
         self.prefills_seen = 0
-        #: Inside ``model.generate``: the prompt's length, which the prefill forward must hold.
-        self.generate_prompt_length: int | None = None
         #: The ``input_ids`` of the model forward in flight, until its decoder forward takes them.
         self._model_input_ids: torch.Tensor | None = None
+        #: The next prefill's length: set inside ``model.generate`` and by ``press.expect_prompt``.
+        self.expected: _ExpectedPrompt | None = None
+        #: A prefill that came in chunks and is not complete yet.
+        self.chunked: ChunkedPrefill | None = None
         with _ACTIVE_LOCK:
             active = press._session
             if active is not None:
@@ -240,8 +258,15 @@ class PressSession:
                 press._session = None
 
     def warn_if_nothing_compressed(self) -> None:
-        """After the block: a press asked to compress that saw no prefill compressed nothing."""
-        if self.press.asks_compression and self.prefills_seen == 0:
+        """After the block: a press that saw no prefill, or an unfinished one, compressed nothing."""
+        if self.chunked is not None and self.press.asks_compression:
+            warnings.warn(
+                f"{self.name}: the chunked prefill stopped after {self.chunked.length} of its "
+                f"{self.chunked.prompt_length} tokens; that prompt was not compressed.",
+                CompressionSkippedWarning,
+                stacklevel=4,
+            )
+        elif self.press.asks_compression and self.prefills_seen == 0:
             warnings.warn(
                 f"{self.name}: no prefill ran inside the press context, nothing was compressed.",
                 CompressionSkippedWarning,
@@ -275,6 +300,9 @@ class PressSession:
         # No cache given: the decoder may build one itself (``model(..., use_cache=True)``); the first
         # attention layer tells (see ``_attention_hook``).
         prefill = None if cache is None else past == 0
+        chunked = self._continued_prefill(cache, past)
+        if chunked is not None:
+            prefill = True
         mask = kwargs.get("attention_mask") if prefill is not False else None
         if cache is None and self.press.asks_compression:
             misplaced = [
@@ -298,23 +326,44 @@ class PressSession:
             prefill=prefill,
             state=ScoringState(
                 adapter=self.adapter,
-                key_mask=padding_mask(mask),
-                visibility=last_rows(mask),
+                key_mask=padding_mask(mask, past),
+                visibility=last_rows(mask, past=past),
                 mask=full_mask(mask),
             ),
             input_ids=ids if prefill is not False else None,
+            past=past,
+            chunked=chunked,
+            edges=block_edges(mask) if prefill is not False and self.expected is not None else None,
         )
-        if prefill:
+        if prefill and chunked is None:
+            # Refused before the decoder runs, so that a refusal leaves the cache as it was.
             length = _forward_length(args, kwargs, self.adapter.text_config.hidden_size)
             if length is not None:
-                self._check_prompt_length(self.forward, length)
+                self._check_first_forward(length)
             if self.press.asks_compression:
-                self._check_prefill(cache, kwargs)
+                # A first chunk's padding says nothing of the prompt's end (checked at its last chunk).
+                whole = self.expected is None or length is None or length >= self.expected.length
+                self._check_prefill(cache, kwargs, padding=whole)
 
-    def _check_prefill(self, cache: Cache, kwargs: dict) -> None:
+    def _continued_prefill(self, cache: Cache | None, past: int) -> ChunkedPrefill | None:
+        """The chunked prefill a forward continues; refuse any other forward while one is under way."""
+        chunked = self.chunked
+        if chunked is None:
+            return None
+        if cache is not None and cache is chunked.cache and past == chunked.length:
+            return chunked
+        self.chunked = None
+        seen = "brought no cache" if cache is None else f"continues a cache of {past} tokens"
+        raise PressUsageError(
+            f"{self.name}: a chunked prefill stopped after {chunked.length} of its {chunked.prompt_length} "
+            f"tokens: the next forward {seen}. "
+            "Forward the prompt's remaining chunks, in order, on the cache that holds its first ones"
+        )
+
+    def _check_prefill(self, cache: Cache, kwargs: dict, padding: bool = True) -> None:
         check_compressible(cache, self.name)
         key_mask = self.forward.state.key_mask if self.forward is not None else None
-        if key_mask is not None:
+        if padding and key_mask is not None:
             check_left_padding(key_mask, self.name)
         config = self.adapter.text_config
         if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
@@ -387,13 +436,17 @@ class PressSession:
         if forward is None or not forward.prefill:
             return output
         hidden_states = _attention_input(args, kwargs, self.adapter.text_config.hidden_size)
-        self._check_prompt_length(forward, hidden_states.shape[1])
         if forward.state.positions is None:
             raise PressUsageError(
                 f"{self.name}: the decoder's rotary embedding was not called before layer "
                 f"{module.layer_idx}; cannot know the prompt positions"
             )
+        if not forward.checked_length:
+            self._start_chunk(forward, hidden_states.shape[1])
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if forward.chunked is not None:
+            self._add_chunk_layer(forward, module, hidden_states, kwargs)
+            return output
         press = self.press
         if module is self.adapter.attention_modules[0]:
             self.prefills_seen += 1
@@ -412,25 +465,105 @@ class PressSession:
         finally:
             forward.scoring = False
 
-    def _check_prompt_length(self, forward: _Forward, length: int) -> None:
-        """Inside ``generate``: the prefill forward must hold exactly the prompt."""
-        expected = self.generate_prompt_length
-        if forward.checked_length or expected is None:
-            return
+    # ------------------------------------------------------- chunked prefill
+    def expect_prompt(self, prompt_length: int) -> None:
+        """:meth:`BudgetedPress.expect_prompt <mmshiftkv.presses.base.BudgetedPress.expect_prompt>`."""
+        check_int(prompt_length, "prompt_length", minimum=1)
+        if self.chunked is not None:
+            raise PressUsageError(
+                f"{self.name}: a chunked prefill is under way ({self.chunked.length} of "
+                f"{self.chunked.prompt_length} tokens); announce the next prompt once it is complete"
+            )
+        self.expected = _ExpectedPrompt(prompt_length, by_generate=False)
+
+    def _check_first_forward(self, length: int) -> None:
+        """The first forward of an announced prompt: whole, or a first chunk the press can score."""
+        expected = self.expected
+        if expected is None:
+            return  # a forward on an empty cache is the whole prompt
+        if length > expected.length:
+            self.chunked = None
+            if expected.by_generate:
+                raise PressUsageError(
+                    f"{self.name}: generate's first forward holds {length} tokens "
+                    f"for a {expected.length}-token prompt: "
+                    "assisted / speculative decoding (assistant_model=, prompt_lookup_num_tokens=) "
+                    "verifies candidate tokens in the prefill, which a press would compress as prompt. "
+                    "Not supported: generate without an assistant under a press"
+                )
+            raise self._overrun(length, expected.length)
+        reason = self.press.chunked_prefill_reason()
+        if length < expected.length and reason is not None and self.press.asks_compression:
+            raise PressUsageError(
+                f"{self.name} cannot score a prompt prefilled in chunks (the first forward holds "
+                f"{length} of its {expected.length} tokens): {reason}. "
+                "Prefill the prompt in one forward (without prefill_chunk_size=)"
+            )
+
+    def _overrun(self, total: int, announced: int) -> PressUsageError:
+        return PressUsageError(
+            f"{self.name}: a prefill forward brings the prompt to {total} tokens per row, "
+            f"past the {announced} announced by expect_prompt(); "
+            "announce the whole prompt's length (padding included)"
+        )
+
+    def _start_chunk(self, forward: _Forward, length: int) -> None:
+        """At a prefill forward's first layer: is it the whole prompt, its first chunk or a later one?"""
         forward.checked_length = True
-        if length < expected:
-            raise PressUsageError(
-                f"{self.name}: generate prefilled {length} of the prompt's {expected} tokens "
-                "in its first forward (chunked prefill, prefill_chunk_size=...). "
-                "A press scores the whole prompt at once: remove prefill_chunk_size"
+        expected = self.expected
+        if expected is None:
+            return  # a forward on an empty cache is the whole prompt
+        if forward.chunked is None:
+            self._check_first_forward(length)
+            if length == expected.length:
+                self._prompt_done()
+                return
+            forward.chunked = self.chunked = ChunkedPrefill(self.press, self.adapter, expected.length)
+            forward.chunked.cache = forward.cache
+        elif forward.chunked.length + length > expected.length:
+            self.chunked = None
+            raise self._overrun(forward.chunked.length + length, expected.length)
+        state = forward.state
+        try:
+            forward.chunked.add_chunk(
+                length, state.positions, state.key_mask, state.visibility, forward.edges
             )
-        if length > expected:
-            raise PressUsageError(
-                f"{self.name}: generate's first forward holds {length} tokens for a {expected}-token prompt: "
-                "assisted / speculative decoding (assistant_model=, prompt_lookup_num_tokens=) "
-                "verifies candidate tokens in the prefill, which a press would compress as prompt. "
-                "Not supported: generate without an assistant under a press"
-            )
+        except PressUsageError:
+            self.chunked = None
+            raise
+
+    def _add_chunk_layer(
+        self, forward: _Forward, module: nn.Module, hidden_states: torch.Tensor, kwargs: dict
+    ) -> None:
+        """Fold a prefill chunk of one layer in; at the prompt's last chunk, compress the layer."""
+        chunked, press = forward.chunked, self.press
+        first = module is self.adapter.attention_modules[0]
+        if first and forward.past == 0:
+            self.prefills_seen += 1
+        layer = forward.cache.layers[module.layer_idx]
+        chunked.add_layer(module, hidden_states, getattr(layer, "keys", None))
+        if not chunked.complete:
+            return
+        if first:
+            try:
+                state = chunked.prompt_state()
+                if press.asks_compression and state.key_mask is not None:
+                    check_left_padding(state.key_mask, self.name)
+            except PressUsageError:
+                self.chunked = None
+                raise
+        state = chunked.prompt_state()
+        with press.scoring(state), self._scoring_layer(forward):
+            # No attention weights: the last forward's cover only its own chunk's queries.
+            press.compress_layer(module, chunked.attention_input(module), forward.cache, None, kwargs)
+        if module is self.adapter.attention_modules[-1]:
+            self.chunked = None
+            self._prompt_done()
+
+    def _prompt_done(self) -> None:
+        """An announced prompt is in: ``expect_prompt`` holds for one prompt, ``generate``'s for its call."""
+        if self.expected is not None and not self.expected.by_generate:
+            self.expected = None
 
     def _guarded_generate(self, generate: Callable) -> Callable:
         def generate_under_press(*args, **kwargs):
@@ -438,10 +571,12 @@ class PressSession:
             prompt = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
             if prompt is None:
                 prompt = kwargs.get("inputs_embeds")
-            self.generate_prompt_length = None if prompt is None else int(prompt.shape[1])
+            length = None if prompt is None else int(prompt.shape[1])
+            self.expected = None if length is None else _ExpectedPrompt(length, by_generate=True)
             try:
                 return generate(*args, **kwargs)
             finally:
-                self.generate_prompt_length = None
+                self.expected = None
+                self.chunked = None
 
         return generate_under_press

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from mmshiftkv import ops
 from mmshiftkv.ops.reference import group_attention_mass
 from mmshiftkv.presses.attention import last_query_attention
 from mmshiftkv.presses.base import BudgetedPress
+from mmshiftkv.presses.moments import Moments
 from mmshiftkv.validation import check_bool, check_int, check_real
 
 #: The budget used when neither ``budget`` nor ``compression_ratio`` is given: the paper's
@@ -71,6 +72,10 @@ class ShiftKVPress(BudgetedPress):
        the base class keeps the last prompt token plus the top ``budget - 1`` and restores temporal
        order.
 
+    Under a chunked prefill the statistics are merged chunk by chunk
+    (:class:`~mmshiftkv.presses.moments.Moments`, the same algorithm as in one forward) and only the
+    last query's attention input (the last ``stats_window`` ones with a window) is kept across chunks.
+
     Scoring runs in the compiled op :func:`mmshiftkv.ops.shiftkv_scores` (float32 softmax and
     masses whatever the model dtype, O(G * T) extra memory per KV head), falling back to the
     pure-torch reference when the extension is not built.
@@ -119,6 +124,8 @@ class ShiftKVPress(BudgetedPress):
     backend : {"auto", "compiled", "torch"}, default="auto"
         Scoring backend passed to :func:`mmshiftkv.ops.shiftkv_scores`.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     budget: int | None = None
     gamma: float = 10.0
@@ -206,7 +213,11 @@ class ShiftKVPress(BudgetedPress):
         return self.n_proxies // self.n_groups
 
     def proxy_hidden_states(
-        self, hidden_states: torch.Tensor, layer_idx: int, key_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        layer_idx: int,
+        key_mask: torch.Tensor | None = None,
+        moments: Moments | None = None,
     ) -> torch.Tensor:
         """Variance-expanded proxy hidden states (Eq. 4-5).
 
@@ -218,6 +229,9 @@ class ShiftKVPress(BudgetedPress):
             Layer index, part of the proxy generator's seed.
         key_mask : torch.Tensor, optional
             ``(batch, seq_len)`` bool, True for real tokens; padding stays out of the statistics.
+        moments : Moments, optional
+            The prompt's statistics when already gathered (a chunked prefill); ``hidden_states`` then
+            only give the dtype and device.
 
         Returns
         -------
@@ -225,13 +239,20 @@ class ShiftKVPress(BudgetedPress):
             ``(batch, n_proxies, hidden)`` in the dtype of ``hidden_states``. The standard noise is
             shared by the samples of a batch, so a sample's proxies do not depend on its batch.
         """
-        mean, std = self.prompt_statistics(hidden_states, key_mask)
+        if moments is None:
+            moments = self.prompt_moments(hidden_states, key_mask)
+        mean, std = moments.mean_and_std()
         noise = self.standard_noise(layer_idx, hidden_states.shape[-1], hidden_states.device)
         proxies = mean[:, None, :] + self.gamma * std[:, None, :] * noise[None]
         return proxies.to(hidden_states.dtype)
 
     def proxy_queries(
-        self, adapter, module: nn.Module, hidden_states: torch.Tensor, key_mask: torch.Tensor | None = None
+        self,
+        adapter,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        moments: Moments | None = None,
     ) -> torch.Tensor:
         """Pre-RoPE query proxies ``q_proj(h)`` (+ q-norm) of :meth:`proxy_hidden_states` (Eq. 6).
 
@@ -256,10 +277,12 @@ class ShiftKVPress(BudgetedPress):
             ``(batch, heads, n_proxies, head_dim)``.
         """
         projection = adapter.query_projection(module) if self.statistics == "global" else None
+        if moments is None:
+            moments = self.prompt_moments(hidden_states, key_mask)
         if projection is None:
-            proxy_states = self.proxy_hidden_states(hidden_states, module.layer_idx, key_mask)
+            proxy_states = self.proxy_hidden_states(hidden_states, module.layer_idx, moments=moments)
             return adapter.query_states(module, proxy_states)
-        mean, std = self.prompt_statistics(hidden_states, key_mask)  # (batch, 1) each
+        mean, std = moments.mean_and_std()  # (batch, 1) each
         row_sums, projected_noise = self._projected_noise(projection, module.layer_idx)
         offset = mean[:, :, None] * row_sums  # (batch, 1, q_out): the proxies' common part
         if projection.bias is not None:
@@ -300,20 +323,62 @@ class ShiftKVPress(BudgetedPress):
         ``(batch, 1)`` each for ``statistics="global"``, ``(batch, hidden)`` for ``"per_feature"``;
         ``stats_window`` restricts them to each sample's last real tokens.
         """
-        batch, seq_len, _ = hidden_states.shape
-        real = key_mask if key_mask is not None else hidden_states.new_ones(batch, seq_len, dtype=torch.bool)
+        return self.prompt_moments(hidden_states, key_mask).mean_and_std()
+
+    def prompt_moments(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None = None) -> Moments:
+        """:class:`Moments` of :meth:`prompt_statistics` (mergeable across prefill chunks)."""
+        real = key_mask
         if self.stats_window is not None:
+            if real is None:
+                real = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             from_end = real.flip(-1).long().cumsum(-1).flip(-1)
             real = real & (from_end <= self.stats_window)
-        # Padding rows are left out by indexing (a copy of the real rows only where a sample has padding).
-        moments = [
-            self._moments(states if keep.all() else states[keep]) for states, keep in zip(hidden_states, real)
-        ]
-        return torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments]).sqrt()
+        per_feature = self.statistics != "global"
+        counts, means, variances = [], [], []
+        for sample, states in enumerate(hidden_states):
+            keep = None if real is None else real[sample]
+            # Padding rows are left out by indexing (a copy of the real rows only where a sample has padding).
+            rows = states if keep is None or bool(keep.all()) else states[keep]
+            mean, variance = self._moments(rows)
+            counts.append(rows.shape[0] if per_feature else rows.numel())
+            means.append(mean)
+            variances.append(variance)
+        return Moments.of_mean_variance(
+            torch.tensor(counts, device=hidden_states.device), torch.stack(means), torch.stack(variances)
+        )
 
     def _moments(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and unbiased variance of ``(tokens, hidden)`` states, float32 (:func:`ops.prompt_moments`)."""
         return ops.prompt_moments(states, per_feature=self.statistics != "global")
+
+    @property
+    def prefill_rows(self) -> int:
+        """The last query's attention input, or the ``stats_window`` last ones the statistics cover."""
+        return self.stats_window if self.sampling and self.stats_window is not None else 1
+
+    def accumulate_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        keys: torch.Tensor | None,
+        previous: Moments | None,
+    ) -> Moments | None:
+        """The running statistics of the whole prompt (a window's come from the kept rows instead)."""
+        if not self.sampling or self.stats_window is not None:
+            return None
+        moments = Moments.of(hidden_states, real, pooled=self.statistics == "global")
+        return moments if previous is None else previous.merge(moments)
+
+    def _layer_moments(self, module: nn.Module, hidden_states: torch.Tensor) -> Moments:
+        accumulated: Any = self.state.accumulated(module)
+        if accumulated is not None:
+            return accumulated
+        key_mask = self.state.key_mask
+        if key_mask is not None:
+            # The rows given may be a chunked prefill's last ones: their padding is the mask's end.
+            key_mask = key_mask[:, -hidden_states.shape[1] :]
+        return self.prompt_moments(hidden_states, key_mask)
 
     def score(
         self,
@@ -332,7 +397,8 @@ class ShiftKVPress(BudgetedPress):
         last_query = adapter.apply_rope(
             adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:], module
         )[:, :, 0]
-        proxies = self.proxy_queries(adapter, module, hidden_states, state.key_mask)
+        moments = self._layer_moments(module, hidden_states)
+        proxies = self.proxy_queries(adapter, module, hidden_states, moments=moments)
         offsets = self.position_start + self.position_stride * (
             torch.arange(self.n_proxies, device=keys.device) % self.group_size
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ class SnapKVPress(BudgetedPress):
         Average-pooling kernel (odd).
     """
 
+    chunked_prefill_refusal: ClassVar[str | None] = None
+
     window_size: int = 32
     kernel_size: int = 5
 
@@ -38,6 +41,11 @@ class SnapKVPress(BudgetedPress):
         super().__post_init__()
         check_int(self.window_size, "window_size", minimum=1)
         check_pooling_kernel(self.kernel_size)
+
+    @property
+    def prefill_rows(self) -> int:
+        """The observation window's attention inputs (its queries)."""
+        return self.window_size
 
     def score(
         self,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from mmshiftkv.models.adapter import ModelAdapter
 
@@ -39,6 +41,12 @@ class ScoringState:
         visible) when it gave one, for presses and allocators that read the attention of any prompt
         query (:func:`~mmshiftkv.presses.attention.query_blocks`); None means causal attention with
         ``key_mask`` padding. Held during the prefill forward only.
+    prompt_length : int or None
+        Tokens per row of the whole prompt when the ``hidden_states`` given to ``score`` hold only its
+        last rows (a chunked prefill, :mod:`mmshiftkv.presses.chunked`); None: they hold the whole prompt.
+    chunk_statistics : dict or None
+        Per KV layer (``layer_idx``), what the press's ``accumulate_chunk`` gathered over the chunks of
+        a chunked prefill; None for a prefill in one forward.
     """
 
     adapter: ModelAdapter
@@ -47,6 +55,12 @@ class ScoringState:
     visibility: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    prompt_length: int | None = None
+    chunk_statistics: dict[int, Any] | None = None
+
+    def accumulated(self, module: nn.Module) -> Any:
+        """What ``accumulate_chunk`` gathered for ``module``'s layer over a chunked prefill, else None."""
+        return None if self.chunk_statistics is None else self.chunk_statistics.get(module.layer_idx)
 
     def n_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Real prompt tokens per sample, ``(batch,)`` int64."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ class StreamingLLMPress(BudgetedPress):
     n_sink : int, default=4
         Number of initial (real) tokens always kept.
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     n_sink: int = 4
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +53,10 @@ class VLCachePress(BudgetedPress):
     kernel_size : int, default=1
         Average-pooling kernel over the token axis (odd; 1 = none).
     """
+
+    chunked_prefill_refusal: ClassVar[str | None] = (
+        "its score reads the attention of every post-vision query, which a chunked prefill does not keep"
+    )
 
     fallback_window: int = 32
     kernel_size: int = 1

@@ -1,0 +1,313 @@
+"""Chunked prefill under every press equals a one-forward prefill (issue 22).
+
+The reference is the same press over the same prompt prefilled in one forward: the kept token
+indices per layer and KV head, the kept counts and the greedy tokens after compression must be
+equal. Prompts: a left-padded batch of two, with an image split by the chunk boundaries where the
+family has images; chunk sizes 1 and 7 (not dividing the prompt). Moments merged chunk by chunk are
+checked against plain float64 statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from mmshiftkv.allocators import AdaAllocator
+from mmshiftkv.cache import cache_argument, compressed_attention
+from mmshiftkv.presses import (
+    CompressionSkippedWarning,
+    ExternalScorerPress,
+    LookMPress,
+    PressUsageError,
+    ShiftKVPress,
+    SnapKVPress,
+)
+from mmshiftkv.presses.moments import Moments
+from mmshiftkv.registry import PRESSES, make_allocator, make_press
+from mmshiftkv.testing import QUESTION, make_inputs, tiny
+
+BUDGET = 8
+CHUNKS = (1, 7)
+BATCH = [QUESTION, "Short?"]
+#: Presses that score a chunked prefill, and those that refuse it (with the reason in their message).
+CHUNKED = (
+    "expected_attention",
+    "full",
+    "keydiff",
+    "last_attn",
+    "mixkv",
+    "shiftkv",
+    "snapkv",
+    "streaming_llm",
+)
+REFUSED = {"lookm": "attention every prompt query pays", "vlcache": "post-vision query"}
+
+
+def fresh_press(name: str, **fields):
+    return make_press(name, budget=BUDGET, **fields) if name != "full" else make_press(name)
+
+
+def generate(model, inputs: dict, press, chunk: int | None):
+    extra = {} if chunk is None else {"prefill_chunk_size": chunk}
+    with torch.no_grad(), warnings.catch_warnings(), press(model):
+        warnings.simplefilter("ignore", CompressionSkippedWarning)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, **extra)
+    return out[:, inputs["input_ids"].shape[1] :], press.stats
+
+
+def assert_same_selection(stats, reference) -> None:
+    assert torch.equal(stats.kept, reference.kept)
+    assert stats.prompt_tokens == reference.prompt_tokens
+    for layer, (got, want) in enumerate(zip(stats.indices, reference.indices)):
+        assert (got is None) == (want is None), f"layer {layer}"
+        if want is not None:
+            assert torch.equal(got, want), f"layer {layer}"
+    assert stats.bytes_after == reference.bytes_after
+
+
+@functools.cache
+def generate_chunks_correctly(family: str) -> bool:
+    """Whether this transformers' own ``generate(prefill_chunk_size=...)`` (no press) matches one forward.
+
+    transformers 5.2 gives every chunk the positions of the prompt's last tokens; a press refuses to
+    score such a prefill (see ``check_chunk_positions``).
+    """
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, BATCH)
+    scores = []
+    for extra in ({}, {"prefill_chunk_size": 7}):
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=1,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **extra,
+            )
+        scores.append(out.scores[0])
+    return bool(torch.allclose(scores[0], scores[1], atol=1e-4, rtol=0))
+
+
+def image_split_by(chunk: int, model, inputs: dict) -> bool:
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    first, last = int(image.min()), int(image.max())
+    return any(first < boundary <= last for boundary in range(chunk, inputs["input_ids"].shape[1], chunk))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("name", CHUNKED)
+def test_generate_with_prefill_chunks_equals_one_forward(name: str, chunk: int):
+    family = "qwen2.5-vl"
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, BATCH)
+    assert image_split_by(chunk, model, inputs)
+    tokens, reference = generate(model, inputs, fresh_press(name), None)
+    if not generate_chunks_correctly(family):
+        with pytest.raises(PressUsageError, match="wrong positions"):
+            generate(model, inputs, fresh_press(name), chunk)
+        return
+    chunked_tokens, stats = generate(model, inputs, fresh_press(name), chunk)
+    assert_same_selection(stats, reference)
+    assert torch.equal(chunked_tokens, tokens)
+
+
+@pytest.mark.parametrize("name", ["shiftkv", "snapkv", "expected_attention"])
+def test_chunked_prefill_under_a_score_allocator_equals_one_forward(name: str):
+    family = "qwen2.5-vl"
+    if not generate_chunks_correctly(family):
+        pytest.skip("this transformers' generate(prefill_chunk_size=...) runs chunks at wrong positions")
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, BATCH)
+    tokens, reference = generate(model, inputs, fresh_press(name, allocator=AdaAllocator(window=4)), None)
+    chunked_tokens, stats = generate(model, inputs, fresh_press(name, allocator=AdaAllocator(window=4)), 7)
+    assert_same_selection(stats, reference)
+    assert torch.equal(chunked_tokens, tokens)
+
+
+def manual_prefill(model, inputs: dict, press, chunk: int):
+    """Forwards of consecutive slices over one cache, after ``press.expect_prompt``; then 3 greedy steps."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    length = ids.shape[1]
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        press.expect_prompt(length)
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            logits = model(
+                input_ids=ids[:, start:end],
+                attention_mask=mask[:, :end],
+                position_ids=positions[:, start:end],
+                **cache_argument(model, cache),
+            ).logits[:, -1]
+    tokens, position = [], positions[:, -1:]
+    with torch.no_grad(), compressed_attention(model):
+        for _ in range(3):
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            mask, position = torch.cat([mask, torch.ones_like(token)], -1), position + 1
+            step = model(
+                input_ids=token, attention_mask=mask, position_ids=position, **cache_argument(model, cache)
+            )
+            logits = step.logits[:, -1]
+    return torch.cat(tokens, -1), press.stats
+
+
+MANUAL_PRESSES = [
+    ("shiftkv", {}),
+    ("shiftkv", {"statistics": "per_feature", "stats_window": 16}),
+    ("snapkv", {"window_size": 12}),
+    ("keydiff", {}),
+    ("streaming_llm", {}),
+    ("last_attn", {}),
+    ("expected_attention", {}),
+    ("mixkv", {"window_size": 4, "base": ShiftKVPress()}),
+]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize(("name", "fields"), MANUAL_PRESSES)
+def test_manual_chunked_prefill_equals_one_forward(name: str, fields: dict, chunk: int):
+    model, processor = tiny("qwen2")
+    inputs = make_inputs("qwen2", processor, BATCH)
+    length = inputs["input_ids"].shape[1]
+    assert length % chunk or chunk == 1
+    tokens, reference = manual_prefill(model, inputs, fresh_press(name, **fields), length)
+    chunked_tokens, stats = manual_prefill(model, inputs, fresh_press(name, **fields), chunk)
+    assert reference.compressed
+    assert_same_selection(stats, reference)
+    assert torch.equal(chunked_tokens, tokens)
+
+
+def test_gemma3_image_block_split_by_a_chunk_is_refused_and_unsplit_chunks_are_equal():
+    family = "gemma3"
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, BATCH)
+    length = inputs["input_ids"].shape[1]
+    assert image_split_by(7, model, inputs) and not image_split_by(length - 2, model, inputs)
+    if not generate_chunks_correctly("qwen2"):  # gemma3's own chunks of 7 split its image
+        # transformers 5.2: chunks at wrong positions, refused before any block is looked at.
+        with pytest.raises(PressUsageError, match="wrong positions"):
+            generate(model, inputs, ShiftKVPress(budget=BUDGET), length - 2)
+        return
+    with pytest.raises(PressUsageError, match="splits a bidirectional attention block"):
+        generate(model, inputs, ShiftKVPress(budget=BUDGET), 7)
+    tokens, reference = generate(model, inputs, ShiftKVPress(budget=BUDGET), None)
+    chunked_tokens, stats = generate(model, inputs, ShiftKVPress(budget=BUDGET), length - 2)
+    assert_same_selection(stats, reference)
+    assert torch.equal(chunked_tokens, tokens)
+
+
+def test_every_registered_press_either_scores_chunks_or_refuses_them():
+    assert set(CHUNKED) | set(REFUSED) == set(PRESSES)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_presses_that_need_the_whole_forward_refuse_a_chunked_prefill_naming_the_reason(name: str):
+    model, processor = tiny("qwen2.5-vl")
+    inputs = make_inputs("qwen2.5-vl", processor, BATCH)
+    press = fresh_press(name)
+    with pytest.raises(PressUsageError, match=rf"{type(press).__name__} cannot score .*{REFUSED[name]}"):
+        generate(model, inputs, press, 7)
+
+
+def test_whole_model_allocators_and_external_scorers_refuse_a_chunked_prefill():
+    model, processor = tiny("qwen2")
+    inputs = make_inputs("qwen2", processor, BATCH)
+    press = ShiftKVPress(budget=BUDGET, allocator=make_allocator("meda"))
+    with pytest.raises(
+        PressUsageError, match="MEDAAllocator allocates from statistics of every prompt query"
+    ):
+        manual_prefill(model, inputs, press, 7)
+    press = ExternalScorerPress(press=SnapKVPress(budget=BUDGET), budget=BUDGET)
+    with pytest.raises(PressUsageError, match="ExternalScorerPress cannot score .*keyword arguments"):
+        manual_prefill(model, inputs, press, 7)
+    press = make_press("mixkv", budget=BUDGET, window_size=4, base=LookMPress())
+    with pytest.raises(PressUsageError, match="MixKVPress cannot .*its base press LookMPress cannot"):
+        manual_prefill(model, inputs, press, 7)
+
+
+def test_misuse_of_a_manual_chunked_prefill_is_refused():
+    model, processor = tiny("qwen2")
+    inputs = make_inputs("qwen2", processor, [QUESTION])
+    ids = inputs["input_ids"]
+    press = SnapKVPress(budget=BUDGET)
+    with pytest.raises(PressUsageError, match="inside `with press"):
+        press.expect_prompt(ids.shape[1])
+    with torch.no_grad(), press(model):
+        with pytest.raises(ValueError, match="prompt_length"):
+            press.expect_prompt(0)
+        press.expect_prompt(ids.shape[1])
+        cache = DynamicCache()
+        model(input_ids=ids[:, :5], **cache_argument(model, cache))
+        with pytest.raises(PressUsageError, match="under way"):
+            press.expect_prompt(ids.shape[1])
+        with pytest.raises(PressUsageError, match="stopped after 5 of"):
+            model(input_ids=ids[:, 5:], **cache_argument(model, DynamicCache()))
+    with torch.no_grad(), press(model):
+        press.expect_prompt(ids.shape[1] - 1)
+        with pytest.raises(PressUsageError, match="past the"):
+            model(input_ids=ids, **cache_argument(model, DynamicCache()))
+    with torch.no_grad(), pytest.warns(CompressionSkippedWarning, match="stopped after 5"), press(model):
+        press.expect_prompt(ids.shape[1])
+        model(input_ids=ids[:, :5], **cache_argument(model, DynamicCache()))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_moments_merged_over_chunks_equal_plain_statistics(pooled: bool):
+    generator = torch.Generator().manual_seed(0)
+    values = 50.0 + torch.randn(2, 23, 6, generator=generator)
+    real = torch.ones(2, 23, dtype=torch.bool)
+    real[1, :5] = False  # left padding
+    values[1, :5] = float("nan")  # padding rows are left out whatever they hold
+    merged = None
+    for start in range(0, 23, 4):
+        piece = Moments.of(values[:, start : start + 4], real[:, start : start + 4], pooled=pooled)
+        merged = piece if merged is None else merged.merge(piece)
+    mean, std = merged.mean_and_std()
+    for sample in range(2):
+        rows = values[sample, real[sample]].double()
+        rows = rows.reshape(-1) if pooled else rows
+        torch.testing.assert_close(mean[sample], rows.mean(0).float().reshape(mean[sample].shape))
+        torch.testing.assert_close(std[sample], rows.std(0).float().reshape(std[sample].shape))
+
+
+def test_covariance_moments_merged_over_chunks_equal_plain_covariance():
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(1, 17, 3, 4, generator=generator)  # (batch, tokens, heads, head_dim)
+    merged = None
+    for start in range(0, 17, 5):
+        piece = Moments.of(values[:, start : start + 5], covariance=True)
+        merged = piece if merged is None else merged.merge(piece)
+    for head in range(3):
+        rows = values[0, :, head].double()
+        centered = rows - rows.mean(0)
+        torch.testing.assert_close(merged.m2[0, head], centered.T @ centered, atol=1e-5, rtol=1e-5)
+
+
+def test_state_kept_across_chunks_is_trailing_rows_statistics_and_positions(monkeypatch):
+    from mmshiftkv.presses.chunked import ChunkedPrefill
+
+    model, processor = tiny("qwen2")
+    inputs = make_inputs("qwen2", processor, BATCH)
+    held: list[int] = []
+    add_layer = ChunkedPrefill.add_layer
+
+    def measured(self, *args):
+        add_layer(self, *args)
+        held.append(self.nbytes)
+
+    monkeypatch.setattr(ChunkedPrefill, "add_layer", measured)
+    manual_prefill(model, inputs, ShiftKVPress(budget=BUDGET), 7)
+    config, (batch, length) = model.config, inputs["input_ids"].shape
+    assert length % 7 == 3
+    # Per layer: whole chunks of attention-input rows until they hold the last 8 (the rotation check's;
+    # ShiftKV reads 1): the last chunks of 7 and 3 tokens, float32; global moments (count, mean, M2:
+    # float64 per sample). Per prompt: int64 positions, bool padding.
+    per_layer = batch * (7 + 3) * config.hidden_size * 4 + 3 * batch * 8
+    assert held[-1] == config.num_hidden_layers * per_layer + batch * length * (8 + 1)
