@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from bench_shiftkv_overhead import plain_prefill, qwen25vl_7b_layer
+from bench_shiftkv_overhead import Clock, plain_prefill, qwen25vl_7b_layer
 from transformers import DynamicCache
 
 from mmshiftkv import LookMPress
@@ -53,13 +53,17 @@ class StepTimer:
         return dict(self.seconds)
 
 
+#: Wall-clock seconds, as the overhead benchmark times its CPU runs.
+CLOCK = Clock("cpu")
+
+
 def measure(model, length: int, repeats: int) -> dict:
     embeds = torch.randn(1, length, 3584, generator=torch.Generator().manual_seed(length))
-    plain_prefill(model, embeds)  # warm-up: allocator, thread pool
+    plain_prefill(model, embeds, CLOCK)  # warm-up: allocator, thread pool
     timer = StepTimer(LookMPress(budget=BUDGET))
     plain, steps = [], {"score": [], "merge": []}
     for _ in range(repeats):
-        plain.append(plain_prefill(model, embeds))
+        plain.append(plain_prefill(model, embeds, CLOCK))
         for step, seconds in timer.prefill(model, embeds).items():
             steps[step].append(seconds)
     prefill_s = statistics.median(plain)
@@ -78,7 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = qwen25vl_7b_layer(1, torch.float32)
+    model = qwen25vl_7b_layer(torch.float32, "cpu")
     results = [measure(model, int(length), args.repeats) for length in args.lengths.split(",")]
     report = {
         "benchmark": "lookm_overhead",

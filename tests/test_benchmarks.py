@@ -59,6 +59,15 @@ def test_lookm_benchmark_times_score_and_merge_against_the_prefill() -> None:
         assert result[f"{step}_over_prefill"] == pytest.approx(seconds / result["prefill_s"], abs=1e-3)
 
 
+def test_fingerprint_benchmark_times_the_check_against_the_prefill() -> None:
+    report = json.loads(run_benchmark("bench_fingerprint.py", "--lengths", "64", "--repeats", "1"))
+    (result,) = report["results"]
+    assert result["dtype"] == "float32" and result["prompt_tokens"] == 64
+    assert result["fingerprint_s"] > 0 and result["reprojection_s"] > 0
+    ratio = result["fingerprint_s"] / result["prefill_s"]
+    assert result["fingerprint_over_prefill"] == pytest.approx(ratio, rel=1e-3, abs=1e-6)
+
+
 def test_headwise_benchmark_bytes_match_the_formula() -> None:
     args = ["--contexts", "256", "--budget", "16", "--layers", "1", "--steps", "1", "--repeats", "1"]
     report = json.loads(run_benchmark("bench_headwise_decode.py", *args))
