@@ -13,7 +13,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mmshiftkv.testing import QUESTION, chat_inputs, kvpress_leftovers_removed, make_inputs, tiny
+from mmshiftkv.testing import (
+    QUESTION,
+    capture_attention_calls,
+    chat_inputs,
+    kvpress_leftovers_removed,
+    make_inputs,
+    tiny,
+)
 
 kvpress = pytest.importorskip("kvpress")
 
@@ -37,25 +44,6 @@ def prefill(model, inputs: dict, press) -> DynamicCache:
     with torch.no_grad(), kvpress_leftovers_removed(model), press(model):
         model(**inputs, past_key_values=cache)
     return cache
-
-
-def plain_prefill(model, inputs: dict, decoder) -> tuple[list[tuple], DynamicCache]:
-    """Each attention layer's (module, input hidden states) in a plain prefill, and its cache."""
-    calls: list[tuple] = []
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw: calls.append((m, kw["hidden_states"])), with_kwargs=True
-        )
-        for layer in decoder.layers
-    ]
-    plain = DynamicCache()
-    try:
-        with torch.no_grad():
-            model(**inputs, past_key_values=plain)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return calls, plain
 
 
 def test_kvpress_scorer_under_our_budget_keeps_its_top_scores():
@@ -87,8 +75,8 @@ def test_our_press_inside_kvpress_keeps_kvpress_count_and_our_ranking(family: st
     scorer = to_kvpress(press, compression_ratio=0.5)
     assert isinstance(scorer, kvpress.ScorerPress)
     decoder = model.model
-    calls, plain = plain_prefill(model, inputs, decoder)
-    captured = [hidden_states for _, hidden_states in calls]
+    calls, plain = capture_attention_calls(model, inputs)
+    captured = [call["hidden_states"] for call in calls]
     cache = prefill(model, inputs, scorer)
     n_kept = int(seq_len * 0.5)
     from mmshiftkv.models import get_adapter
@@ -121,7 +109,7 @@ def test_vlcache_inside_kvpress_on_a_text_model_ranks_by_its_own_scores(kvpress_
     seq_len = inputs["input_ids"].shape[1]
     press = VLCachePress()
     decoder = model.model
-    calls, plain = plain_prefill(model, inputs, decoder)
+    calls, plain = capture_attention_calls(model, inputs)
     cache = prefill(model, inputs, to_kvpress(press, compression_ratio=0.5))
     from mmshiftkv.models import get_adapter
 
@@ -134,7 +122,7 @@ def test_vlcache_inside_kvpress_on_a_text_model_ranks_by_its_own_scores(kvpress_
         keys, values = plain.layers[layer_idx].keys, plain.layers[layer_idx].values
         module = decoder.layers[layer_idx].self_attn
         with torch.no_grad(), press.scoring(state):
-            scores = press.score(module, calls[layer_idx][1], keys, values, None, {})
+            scores = press.score(module, calls[layer_idx]["hidden_states"], keys, values, None, {})
         top = scores.topk(int(seq_len * 0.5), dim=-1).indices[..., None].expand(-1, -1, -1, keys.shape[-1])
         torch.testing.assert_close(layer.keys, keys.gather(2, top))
 
@@ -183,15 +171,17 @@ def test_our_press_as_kvpress_press_on_qwen25_vl_scores_with_its_mrope_positions
     positions = model_positions(model, inputs)
     assert positions.dim() == 3 and not torch.equal(positions[1], positions[2])  # an image: real M-RoPE
     press = LastAttnPress()
-    calls, plain = plain_prefill(model, inputs, model.model.language_model)
+    calls, plain = capture_attention_calls(model, inputs)
     cache = prefill(model, inputs, to_kvpress(press, compression_ratio=0.5))
     from mmshiftkv.models import get_adapter
 
     adapter = get_adapter(model)
-    for layer_idx, (module, hidden_states) in enumerate(calls):
+    for layer_idx, call in enumerate(calls):
         keys = plain.layers[layer_idx].keys
         with torch.no_grad(), press.scoring(ScoringState(adapter=adapter, positions=positions)):
-            scores = press.score(module, hidden_states, keys, plain.layers[layer_idx].values, None, {})
+            scores = press.score(
+                call["module"], call["hidden_states"], keys, plain.layers[layer_idx].values, None, {}
+            )
         top = scores.topk(int(seq_len * 0.5), dim=-1).indices
         torch.testing.assert_close(
             cache.layers[layer_idx].keys, keys.gather(2, top[..., None].expand(-1, -1, -1, 16))

@@ -24,7 +24,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mmshiftkv.testing import QUESTION, kvpress_leftovers_removed, make_inputs, tiny
+from mmshiftkv.testing import QUESTION, capture_attention_calls, kvpress_leftovers_removed, make_inputs, tiny
 
 kvpress = pytest.importorskip("kvpress")
 
@@ -102,25 +102,6 @@ def llama(name: str):
     """The tiny Llama (eager attention for the scorer that reads attention weights) and its prompt."""
     model, tokenizer = tiny("llama", "eager") if name == "ObservedAttentionPress" else tiny("llama")
     return model, make_inputs("llama", tokenizer, [QUESTION])
-
-
-def capture_attention_calls(model, inputs: dict) -> tuple[list[dict], DynamicCache]:
-    """Each attention layer's module, input, attention weights and keywords in a plain forward; its cache."""
-    calls: list[dict] = []
-
-    def record(module, args, kwargs, output):
-        hidden_states = kwargs["hidden_states"]
-        calls.append(dict(module=module, hidden_states=hidden_states, attentions=output[1], kwargs=kwargs))
-
-    hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True) for layer in model.model.layers]
-    cache = DynamicCache()
-    try:
-        with torch.no_grad():
-            model(**inputs, past_key_values=cache)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return calls, cache
 
 
 def our_rule(scores: torch.Tensor, budget: int) -> torch.Tensor:

@@ -31,7 +31,13 @@ from mmshiftkv.testing.inputs import (
     make_video,
     synthetic_image,
 )
-from mmshiftkv.testing.models import build_tiny_model, kvpress_leftovers_removed, tiny, tiny_sharpened
+from mmshiftkv.testing.models import (
+    build_tiny_model,
+    capture_attention_calls,
+    kvpress_leftovers_removed,
+    tiny,
+    tiny_sharpened,
+)
 
 __all__ = [
     "ALL_FAMILIES",
@@ -44,6 +50,7 @@ __all__ = [
     "VIDEO_FAMILIES",
     "VISION_FAMILIES",
     "build_tiny_model",
+    "capture_attention_calls",
     "chat_inputs",
     "greedy",
     "kvpress_leftovers_removed",

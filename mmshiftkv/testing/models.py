@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from mmshiftkv.testing.classic_models import llava, qwen_vl, text_decoder
 from mmshiftkv.testing.newer_models import (
@@ -128,3 +128,32 @@ def tiny_sharpened(
     for i, module in enumerate(get_adapter(model).attention_modules):
         module.scaling = module.scaling * SHARPENING**i
     return model, processor
+
+
+def capture_attention_calls(model: nn.Module, inputs: dict) -> tuple[list[dict], DynamicCache]:
+    """A plain prefill of ``inputs`` and, per KV attention layer in order, what the model handed it.
+
+    Returns
+    -------
+    tuple
+        A list of dicts (``module``, ``hidden_states`` ``(batch, seq_len, hidden)``, ``attentions``
+        (the layer's attention weights, None unless eager), ``kwargs``), and the prefill's cache.
+    """
+    from mmshiftkv.models import get_adapter
+
+    calls: list[dict] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden_states = kwargs["hidden_states"]
+        calls.append(dict(module=module, hidden_states=hidden_states, attentions=output[1], kwargs=kwargs))
+
+    attentions = get_adapter(model).attention_modules
+    hooks = [attention.register_forward_hook(record, with_kwargs=True) for attention in attentions]
+    cache = DynamicCache()
+    try:
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, cache
