@@ -232,9 +232,7 @@ def query_blocks(
         Rows in increasing position; ``queries`` and ``visible`` exclude padding.
     """
     batch, kv_heads, seq_len, head_dim = keys.shape
-    key_mask = state.key_mask
-    if key_mask is None:
-        key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+    key_mask = state.real_tokens(batch, seq_len, keys.device)
     wanted = queries & key_mask
     q_heads = state.adapter.n_heads
     group = q_heads // kv_heads

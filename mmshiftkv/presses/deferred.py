@@ -66,9 +66,7 @@ class DeferredLayers:
             return
         batch, _, seq_len, _ = keys.shape
         state.adapter.verify_rotation(module, hidden_states, keys, state.positions)
-        key_mask = state.key_mask
-        if key_mask is None:
-            key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+        key_mask = state.real_tokens(batch, seq_len, keys.device)
         allocator = press.allocator
         queries = allocator.statistic_queries(key_mask, state.image_mask)
         blocks = query_blocks(state, module, hidden_states, keys, queries)

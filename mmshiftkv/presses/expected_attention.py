@@ -138,12 +138,7 @@ class ExpectedAttentionPress(BudgetedPress):
     ) -> torch.Tensor:
         state = self.state
         batch, kv_heads, seq_len, _ = keys.shape
-        key_mask = state.key_mask
-        real = (
-            key_mask
-            if key_mask is not None
-            else torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
-        )
+        real = state.real_tokens(batch, seq_len, keys.device)
         real_index = real.long().cumsum(-1) - 1
         sink = real & (real_index < self.n_sink)
         statistics = state.accumulated(module)

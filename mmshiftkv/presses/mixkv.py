@@ -239,9 +239,7 @@ class MixKVPress(BudgetedPress):
             if state.key_mask is not None:
                 masked = base_scores.masked_fill(~state.key_mask[:, None, :], float("-inf"))
             self._allocation_scores = masked
-        real = state.key_mask
-        if real is None:
-            real = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+        real = state.real_tokens(batch, seq_len, keys.device)
         valid = real[:, None, :prefix].expand(batch, kv_heads, prefix)
         mixed = self.mix(
             base_scores[..., :prefix], keys, values, real, valid, self._redundancy(module, keys, real)

@@ -62,6 +62,12 @@ class ScoringState:
         """What ``accumulate_chunk`` gathered for ``module``'s layer over a chunked prefill, else None."""
         return None if self.chunk_statistics is None else self.chunk_statistics.get(module.layer_idx)
 
+    def real_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        """``(batch, seq_len)`` bool, True at real prompt tokens: ``key_mask``, all True without one."""
+        if self.key_mask is None:
+            return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        return self.key_mask
+
     def n_tokens(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Real prompt tokens per sample, ``(batch,)`` int64."""
         if self.key_mask is None:

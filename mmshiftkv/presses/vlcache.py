@@ -77,9 +77,7 @@ class VLCachePress(BudgetedPress):
     ) -> torch.Tensor:
         state = self.state
         batch, kv_heads, seq_len, _ = keys.shape
-        key_mask = state.key_mask
-        if key_mask is None:
-            key_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=keys.device)
+        key_mask = state.real_tokens(batch, seq_len, keys.device)
         image_mask = require_image_mask(state.image_mask, key_mask, type(self).__name__)
         post_vision = post_vision_queries(key_mask, image_mask, self.fallback_window)
         received = torch.zeros(batch, state.adapter.n_heads, seq_len, device=keys.device)
