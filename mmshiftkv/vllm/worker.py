@@ -17,9 +17,9 @@ slots. At the last chunk the press scores the whole prompt from that state and t
 of every chunk, read back from the paged cache (:mod:`mmshiftkv.vllm.paged`: a layout learned from
 the backend's own writes at engine start), and the rewrite of slots ``0 .. physical_len - 1`` spans
 the earlier chunks' blocks. The state per request is ``ChunkedPrefill.nbytes`` (ShiftKV: about
-``8 x hidden`` floats per layer plus 8 bytes per prompt token; SnapKV: ``window x hidden`` per
-layer); it leaves with the prompt's last chunk, a preemption (the request restarts from scratch) or
-the request's end.
+``8 x hidden`` activations per layer plus the positions, 8 bytes per prompt token or 24 with
+M-RoPE; SnapKV: ``window x hidden`` per layer); it leaves with the prompt's last chunk, a
+preemption (the request restarts from scratch) or the request's end.
 
 From then on the request has two lengths. Its *logical* length (the scheduler's
 ``num_computed_tokens``) gives RoPE positions: generated token ``i`` still sits at position

@@ -263,3 +263,49 @@ def test_a_paged_cache_reader_that_reads_wrong_is_refused_at_engine_start(model_
         engine(model_dirs("qwen2"), "snapkv"),
     ):
         pass
+
+
+def test_requests_preempted_between_chunks_restart_their_prompt_state(text_model):
+    """A small pool: vLLM preempts requests (frees their blocks, recomputes them from scratch later),
+    some between two chunks of their prompt. Those restart their chunk state and still equal
+    transformers one-shot; every block returns to the pool and no state is left."""
+    from vllm import SamplingParams
+
+    folder, model = text_model
+    generator = torch.Generator().manual_seed(6)
+    batch = [torch.randint(5, 250, (96,), generator=generator).tolist() for _ in range(8)]
+    params = SamplingParams(max_tokens=40, temperature=0)
+    options = dict(
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=CHUNK,
+        max_model_len=160,
+        num_gpu_blocks_override=11,
+    )
+    with engine(folder, "snapkv", **options) as llm:
+        outputs, steps = run_steps(llm, [{"prompt_token_ids": p} for p in batch], params)
+        selections = selections_of(llm)
+        history = history_of(llm)
+        (states,) = chunk_states(llm)
+        usage = scheduler_of(llm).mmshiftkv_ledger.usage
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outputs)
+    assert not states
+    assert all(in_use == held for in_use, held in usage)
+    assert_blocks_follow_the_prompt(history, set(history))
+
+    restarted, after_prompt = set(), set()
+    for req_id in history:
+        computed = [step[req_id][0] for step in steps if req_id in step]
+        for before, now in zip(computed, computed[1:]):
+            if now < before:  # preempted in between: recomputed from scratch
+                (restarted if before < len(batch[0]) else after_prompt).add(req_id)
+    mid_prefill = restarted - after_prompt
+    assert mid_prefill, (
+        f"no request was preempted between chunks of its prompt ({restarted=}, {after_prompt=})"
+    )
+    for output in outputs:
+        if output.request_id in mid_prefill:
+            tokens, stats = transformers_generate(
+                model, {"input_ids": torch.tensor([output.prompt_token_ids])}, "snapkv", 40
+            )
+            assert list(output.outputs[0].token_ids) == tokens, output.request_id
+            assert_kept_as_transformers(selections[output.request_id], stats, output.request_id)
