@@ -81,7 +81,8 @@ class PromptStep:
     computed : int
         Tokens whose KV it held before this step (0: the prompt starts here).
     chunked : ChunkedPrefill or None
-        The prompt's state across chunks; None when this step prefills it whole.
+        The prompt's state across chunks; None when this step prefills it whole (or the state is
+        missing: the request then fails).
     block_ids : torch.Tensor or None
         Under chunked prefill, at the last chunk: the request's blocks ``(blocks,)`` in order.
     """
@@ -100,6 +101,11 @@ class PromptStep:
     def final(self) -> bool:
         """The prompt is complete after this step: it is scored and compacted in it."""
         return self.computed + self.n_scheduled >= self.prompt_len
+
+    @property
+    def whole(self) -> bool:
+        """The whole prompt is prefilled in this step (scored from the step's own tensors)."""
+        return self.computed == 0 and self.final
 
     @property
     def prompt_tokens(self) -> int:
@@ -333,8 +339,8 @@ class Compactor:
                 int(computed[row]),
             )
             self.plan.append(step)
-            if step.computed == 0 and step.final:
-                continue  # prefilled whole: scored from this step's own tensors
+            if step.whole:
+                continue
             if step.computed == 0:
                 self.chunked[req_id] = ChunkedPrefill(self.press, self.adapter, prompt_len)
             step.chunked = self.chunked.get(req_id)
@@ -343,7 +349,8 @@ class Compactor:
                     f"the worker holds {0 if step.chunked is None else step.chunked.length} of the "
                     f"{step.computed} prompt tokens computed before this chunk"
                 )
-            elif step.final:
+                step.chunked = None
+            if step.final:
                 table = batch.block_table.block_tables[0]
                 blocks = table.block_table.np[row, : table.num_blocks_per_row[row]]
                 step.block_ids = torch.from_numpy(blocks.astype(np.int64)).to(runner.seq_lens.device)
@@ -433,7 +440,7 @@ class Compactor:
             if not step.final:
                 nan.append(torch.zeros((), dtype=torch.bool, device=keys.device))
                 continue
-            if step.chunked is None:  # the whole prompt is in this step's tensors
+            if step.whole:  # the whole prompt is in this step's tensors
                 held_keys = keys[step.start : step.start + step.n_scheduled]
                 held_values = values[step.start : step.start + step.n_scheduled]
                 # The step's own slots of physical positions 0 .. physical_len - 1 (the prompt starts at 0).
@@ -501,7 +508,7 @@ class Compactor:
         prompt_keys = keys[: step.prompt_len].transpose(0, 1)[None]
         prompt_values = values[: step.prompt_len].transpose(0, 1)[None]
         try:
-            if step.chunked is None:
+            if step.whole:
                 state = ScoringState(
                     adapter=self.adapter, key_mask=None, positions=_positions_of(captured.positions, step)
                 )
