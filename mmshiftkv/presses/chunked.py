@@ -227,7 +227,8 @@ class ChunkedPrefill:
                 positions=positions,
                 visibility=self._prompt_visibility(positions),
                 prompt_length=self.length,
-                chunk_statistics=dict(self._statistics),
+                # The live dict: a layer folded in after this state was first built still reads its own.
+                chunk_statistics=self._statistics,
             )
         return self._prompt_state
 

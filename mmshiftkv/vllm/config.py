@@ -108,7 +108,14 @@ class VLLMPressConfig:
         limit = self.record_limit
         if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
             raise EngineConfigError(f"mmshiftkv.vllm: record_limit must be an int >= 1, got {limit!r}")
-        self.build_press()  # Bad press arguments fail when the engine is configured, not at the first prompt.
+        # Bad press arguments fail when the engine is configured, not at the first prompt.
+        reason = self.build_press().chunked_prefill_reason()
+        if reason is not None:
+            # vLLM may split a prompt over steps even with chunked prefill off (at an image, when the
+            # encoder budget is spent), so a press that cannot score chunks is never served.
+            raise EngineConfigError(
+                f"mmshiftkv.vllm: press {self.press!r} cannot score a prompt prefilled in chunks: {reason}"
+            )
 
     def build_press(self) -> BudgetedPress:
         """A fresh press object with this configuration."""
@@ -162,17 +169,6 @@ def check_engine_config(vllm_config: Any) -> None:
             "so sharing them would serve wrong keys (pass enable_prefix_caching=False)"
         )
     scheduler = vllm_config.scheduler_config
-    if scheduler.enable_chunked_prefill:
-        problems.append(
-            "chunked prefill is on: a press scores the whole prompt in one step "
-            "(pass enable_chunked_prefill=False; max_num_batched_tokens must then hold the longest prompt)"
-        )
-    if scheduler.long_prefill_token_threshold > 0:
-        problems.append(
-            f"long_prefill_token_threshold={scheduler.long_prefill_token_threshold}: "
-            "long prompts are prefilled over several steps, and a press scores a whole prompt in one step "
-            "(pass long_prefill_token_threshold=0)"
-        )
     if getattr(scheduler, "async_scheduling", False):
         problems.append(
             "async scheduling is on: "

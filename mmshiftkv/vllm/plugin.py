@@ -159,9 +159,12 @@ def _patch_model_runner() -> None:
     @functools.wraps(update_states)
     def _update_states(self, scheduler_output):
         compactor = getattr(self, "mmshiftkv_compactor", None)
-        if compactor is not None:
-            compactor.trim_block_table(self)
-        return update_states(self, scheduler_output)
+        if compactor is None:
+            return update_states(self, scheduler_output)
+        compactor.trim_block_table(self)
+        result = update_states(self, scheduler_output)
+        compactor.forget_finished(self)
+        return result
 
     @functools.wraps(prepare)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):

@@ -6,9 +6,9 @@ tokens). After compaction (:mod:`mmshiftkv.vllm.worker`) a request needs ``shift
 than that count, where ``shift = prompt_len - min(prompt_len, budget)``: the scheduler knows it
 without asking the workers, because the budget is uniform. :class:`BlockLedger`
 
-* notes, when a step is scheduled, the requests whose whole prompt it prefills
-  (:func:`~mmshiftkv.vllm.worker.compacts`, the rule the workers apply), and the ones whose
-  prefill starts without the whole prompt (they could not be compressed: they fail, see below);
+* notes, when a step is scheduled, the requests whose prompt it completes (the whole prompt, or
+  its last chunk under chunked prefill: :func:`~mmshiftkv.vllm.worker.compacts`, the rule the
+  workers apply); a prompt's earlier chunks hold all their slots;
 * when that step's output arrives (the workers have compacted by then), frees each such request's
   blocks beyond ``ceil(physical_len / block_size)`` into the block pool;
 * subtracts the shift from every later allocation of the request, so a decode step asks for a new
@@ -118,8 +118,6 @@ class BlockLedger:
         self.block_size = self._blocks.block_size
         self._pool = manager.block_pool
         self._pending: dict[str, tuple[int, int]] = {}
-        # Requests whose prefill started without their whole prompt: request id -> reason.
-        self._cut: dict[str, str] = {}
         self._wrap_manager(manager, coordinator)
 
     def _wrap_manager(self, manager, coordinator) -> None:
@@ -159,15 +157,7 @@ class BlockLedger:
             computed, prompt_len = request.num_computed_tokens, request.num_prompt_tokens
             if compacts(computed, n, prompt_len, self.budget):
                 shift = prompt_len - self.budget
-                self._pending[req_id] = (shift, n - shift)
-            elif computed == 0 and n < prompt_len and prompt_len > self.budget:
-                # The workers compact a prompt only when one step prefills all of it; the engine checks
-                # refuse every setting that splits one, so this is a scheduler change the plugin does
-                # not know: the request fails rather than run uncompressed.
-                self._cut[req_id] = (
-                    f"the scheduler prefilled {n} of its {prompt_len} prompt tokens in one step, "
-                    "and a press compresses only a prompt prefilled whole"
-                )
+                self._pending[req_id] = (shift, computed + n - shift)
 
     def step_finished(self) -> None:
         """When the step's output arrives, before vLLM processes it: free the blocks compaction emptied."""
@@ -189,8 +179,7 @@ class BlockLedger:
         the step's output (so none of them returns a token from it); the finished requests."""
         from vllm.v1.request import RequestStatus
 
-        failures = {**getattr(model_runner_output, FAILURES_ATTRIBUTE, {}), **self._cut}
-        self._cut = {}
+        failures = getattr(model_runner_output, FAILURES_ATTRIBUTE, {})
         if not failures:
             return []
         requests = self.scheduler.finish_requests(failures, RequestStatus.FINISHED_ERROR)

@@ -70,6 +70,21 @@ def test_every_registered_press_is_served_or_refused_with_its_reason():
     assert not set(VLLM_PRESSES) & set(UNSERVED_PRESSES)
 
 
+def test_a_press_that_cannot_score_chunks_is_refused(monkeypatch):
+    """vLLM may split any prompt over steps (chunked prefill, or an image past the encoder budget), so a
+    press that cannot score chunks is refused when the engine is configured."""
+    from mmshiftkv.presses import SnapKVPress
+
+    monkeypatch.setattr(SnapKVPress, "chunked_prefill_refusal", "it reads the whole attention matrix")
+
+    class Config:
+        additional_config = {"mmshiftkv": {"press": "snapkv", "budget": 8}}
+
+    message = "'snapkv' cannot score a prompt prefilled in chunks: it reads the whole attention matrix"
+    with pytest.raises(EngineConfigError, match=message):
+        VLLMPressConfig.from_vllm_config(Config())
+
+
 def test_engine_without_section_has_no_press():
     class Config:
         additional_config = {}
@@ -81,7 +96,6 @@ def test_engine_without_section_has_no_press():
     ("setting", "message"),
     [
         ({"enable_prefix_caching": True}, "enable_prefix_caching=False"),
-        ({"enable_chunked_prefill": True}, "enable_chunked_prefill=False"),
         ({"enforce_eager": False}, "enforce_eager=True"),
     ],
 )
@@ -94,13 +108,12 @@ def test_engine_settings_that_break_compaction_are_refused(model_dirs, setting, 
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"long_prefill_token_threshold": 8}, "long_prefill_token_threshold=0"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=1"),
         ({"tensor_parallel_size": 4}, r"tensor_parallel_size <= 2"),
         ({"tensor_parallel_size": 4, "decode_context_parallel_size": 2}, "decode_context_parallel_size=1"),
     ],
 )
-def test_parallelism_and_prefill_splits_that_break_compaction_are_refused(model_dirs, setting, message):
+def test_parallelism_that_breaks_compaction_is_refused(model_dirs, setting, message):
     with pytest.raises(EngineConfigError, match=message), engine(model_dirs("qwen2"), "snapkv", **setting):
         pass
 

@@ -102,31 +102,29 @@ def test_press_with_images_matches_transformers(vl_models, family, press_name):
             assert record.blocks == math.ceil((BUDGET + record.tokens - prompt_len) / BLOCK_SIZE)
 
 
-def test_prompt_prefilled_in_pieces_fails_alone(vl_models):
-    """A prompt whose prefill the scheduler splits is never left uncompressed: that request fails.
+def test_prompt_split_at_its_image_without_chunked_prefill_is_compacted_after_its_last_piece(vl_models):
+    """vLLM splits a prompt even with chunked prefill off when a step's encoder budget is spent: the
+    request is scored and compacted once all of it is in, as under chunked prefill.
 
-    The engine checks refuse every setting of vLLM 0.32 that splits a prompt; here the scheduler's
-    encoder budget is cut below two images after the engine started, so the second request of a
-    step is scheduled up to its image only.
+    Here the scheduler's encoder budget is cut below two images after the engine started, so the
+    second request of the first step is scheduled up to its image only.
     """
     folder, model, processor = vl_models("qwen2.5-vl")
     batch = requests(processor)[:2]
     with engine(folder, "snapkv", limit_mm_per_prompt={"image": 1, "video": 0}) as llm:
         scheduler = scheduler_of(llm)
-        budget = scheduler.max_num_encoder_input_tokens
         scheduler.max_num_encoder_input_tokens = 20  # one 16-token image per step
-        first, second = vllm_generate(llm, batch)
-        scheduler.max_num_encoder_input_tokens = budget
-        (again,) = vllm_generate(llm, batch[1:])
+        outputs = vllm_generate(llm, batch)
+        selections = selections_of(llm)
+        history = history_of(llm)
         in_use = scheduler.mmshiftkv_ledger.blocks_in_use()
 
-    assert first.outputs[0].finish_reason == "length"
-    assert second.outputs[0].finish_reason == "error"
-    assert second.outputs[0].token_ids == []
-    assert "a press compresses only a prompt prefilled whole" in second.outputs[0].stop_reason
-    text, image = batch[1]
-    tokens, _ = transformers_generate(
-        model, processor(text=[text], images=[image], return_tensors="pt"), "snapkv", MAX_TOKENS
-    )
-    assert list(again.outputs[0].token_ids) == tokens
+    split = [req_id for req_id, records in history.items() if records[0].tokens < records[0].prompt_len]
+    assert split == [outputs[1].request_id]  # the second prompt came in two pieces
+    for output, (text, image) in zip(outputs, batch):
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        tokens, stats = transformers_generate(model, inputs, "snapkv", MAX_TOKENS)
+        assert output.outputs[0].finish_reason == "length"
+        assert list(output.outputs[0].token_ids) == tokens, output.request_id
+        assert_kept_as_transformers(selections[output.request_id], stats, output.request_id)
     assert in_use == 0
