@@ -115,6 +115,7 @@ def attention_column_sums(
     scaling: float,
     key_mask: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    past: int = 0,
 ) -> torch.Tensor:
     """H2O's accumulated attention: the attention every prompt key receives from all prompt queries.
 
@@ -124,10 +125,14 @@ def attention_column_sums(
     blocks of at most :data:`COLUMN_SUM_BLOCK_ELEMENTS` probabilities: the ``seq_len x seq_len``
     matrix is never held.
 
+    The queries may be the prompt's tokens ``[past, past + n_queries)`` only (one chunk of a chunked
+    prefill, against the keys so far): the sums are then that chunk's share, and the chunks' shares
+    add up to the whole prompt's (a key's column gets nothing from queries before it).
+
     Parameters
     ----------
     queries : torch.Tensor
-        Rotated prompt queries, ``(batch, q_heads, seq_len, head_dim)``.
+        Rotated prompt queries, ``(batch, q_heads, n_queries, head_dim)``.
     keys : torch.Tensor
         Rotated prompt keys, ``(batch, kv_heads, seq_len, head_dim)``; KV head ``h`` serves query heads
         ``[h * r, (h + 1) * r)``.
@@ -136,8 +141,10 @@ def attention_column_sums(
     key_mask : torch.Tensor, optional
         ``(batch, seq_len)`` bool, True for real tokens.
     mask : torch.Tensor, optional
-        The model's own 4-D mask ``(batch or 1, 1, seq_len, seq_len)`` (:attr:`ScoringState.mask`);
+        The model's own 4-D mask ``(batch or 1, 1, n_queries, seq_len)`` (:attr:`ScoringState.mask`);
         None means causal.
+    past : int, default=0
+        Prompt tokens before the first query (``seq_len - n_queries`` for a chunk; 0: every query).
 
     Returns
     -------
@@ -146,14 +153,15 @@ def attention_column_sums(
     """
     batch, kv_heads, seq_len, head_dim = keys.shape
     group = queries.shape[1] // kv_heads
+    n_queries = queries.shape[2]
     keys_t = keys.float().transpose(-1, -2)[:, :, None]  # (batch, kv_heads, 1, head_dim, seq_len)
-    grouped = queries.reshape(batch, kv_heads, group, seq_len, head_dim)
+    grouped = queries.reshape(batch, kv_heads, group, n_queries, head_dim)
     block = max(1, COLUMN_SUM_BLOCK_ELEMENTS // (batch * queries.shape[1] * seq_len))
     total = torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=keys.device)
-    for start in range(0, seq_len, block):
-        stop = min(seq_len, start + block)
+    for start in range(0, n_queries, block):
+        stop = min(n_queries, start + block)
         rows = None if mask is None else mask_visibility(mask[:, 0, start:stop, :seq_len])
-        visible = query_visibility(batch, start, stop, seq_len, key_mask, rows, keys.device)
+        visible = query_visibility(batch, past + start, past + stop, seq_len, key_mask, rows, keys.device)
         seen = torch.nonzero(visible.any(1).any(0))
         if seen.numel() == 0:
             continue

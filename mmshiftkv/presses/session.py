@@ -524,9 +524,16 @@ class PressSession:
             self.chunked = None
             raise self._overrun(forward.chunked.length + length, expected.length)
         state = forward.state
+        batch = state.positions.shape[-2]
         try:
             forward.chunked.add_chunk(
-                length, state.positions, state.key_mask, state.visibility, forward.edges
+                length,
+                state.positions,
+                state.key_mask,
+                state.visibility,
+                forward.edges,
+                mask=state.mask,
+                media_mask=self.adapter.media_mask(forward.input_ids, batch, length),
             )
         except PressUsageError:
             self.chunked = None
