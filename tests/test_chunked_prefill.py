@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator
 from mmshiftkv.cache import cache_argument, compressed_attention
+from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import (
     CompressionSkippedWarning,
     ExternalScorerPress,
@@ -29,16 +30,18 @@ from mmshiftkv.presses import (
     PressUsageError,
     ShiftKVPress,
     SnapKVPress,
+    VLCachePress,
 )
+from mmshiftkv.presses.chunked import ChunkedPrefill
 from mmshiftkv.presses.moments import Moments
-from mmshiftkv.presses.state import CompressionStats
+from mmshiftkv.presses.state import CompressionStats, ScoringState
 from mmshiftkv.registry import PRESSES, make_allocator, make_press
-from mmshiftkv.testing import QUESTION, make_inputs, tiny
+from mmshiftkv.testing import QUESTION, capture_attention_calls, make_inputs, tiny
 
 BUDGET = 8
 CHUNKS = (1, 7)
 BATCH = [QUESTION, "Short?"]
-#: Presses that score a chunked prefill, and those that refuse it (with the reason in their message).
+#: Presses that score a chunked prefill: every registered one.
 CHUNKED = (
     "expected_attention",
     "full",
@@ -49,11 +52,14 @@ CHUNKED = (
     "shiftkv",
     "snapkv",
     "streaming_llm",
+    "vlcache",
 )
-REFUSED = {"vlcache": "post-vision query"}
 
 
 def fresh_press(name: str, **fields):
+    if name == "vlcache":
+        # The token scores; VL-Cache's own layer allocation is the whole-model allocators' test.
+        fields.setdefault("allocator", "uniform")
     return make_press(name, budget=BUDGET, **fields) if name != "full" else make_press(name)
 
 
@@ -235,6 +241,8 @@ MANUAL_PRESSES = [
     ("lookm", {}),
     ("lookm", {"merging": None, "text_prior": False, "n_sink": 2}),
     ("mixkv", {"window_size": 4, "base": LookMPress()}),
+    ("vlcache", {}),
+    ("vlcache", {"fallback_window": 3, "kernel_size": 3}),
 ]
 
 
@@ -267,17 +275,10 @@ def test_gemma3_image_block_split_by_a_chunk_is_refused_and_unsplit_chunks_are_e
     assert_equal_to_one_forward(generate(model, inputs, ShiftKVPress(budget=BUDGET), length - 2), reference)
 
 
-def test_every_registered_press_either_scores_chunks_or_refuses_them():
-    assert set(CHUNKED) | set(REFUSED) == set(PRESSES)
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_presses_that_need_the_whole_forward_refuse_a_chunked_prefill_naming_the_reason(name: str):
-    model, processor = tiny("qwen2.5-vl")
-    inputs = make_inputs("qwen2.5-vl", processor, BATCH)
-    press = fresh_press(name)
-    with pytest.raises(PressUsageError, match=rf"{type(press).__name__} cannot score .*{REFUSED[name]}"):
-        generate(model, inputs, press, 7)
+def test_every_registered_press_scores_chunks():
+    # What refuses chunks is not a registered press: ExternalScorerPress (below), a refusing base.
+    assert set(CHUNKED) == set(PRESSES)
+    assert all(PRESSES[name].chunked_prefill_refusal is None for name in CHUNKED)
 
 
 def test_whole_model_allocators_and_external_scorers_refuse_a_chunked_prefill():
@@ -358,8 +359,6 @@ def test_covariance_moments_merged_over_chunks_equal_plain_covariance():
 
 def held_across_chunks(monkeypatch, press, chunk: int) -> tuple[list[int], Run]:
     """``ChunkedPrefill.nbytes`` after every layer of every chunk of a manual chunked prefill (tiny qwen2)."""
-    from mmshiftkv.presses.chunked import ChunkedPrefill
-
     model, processor = tiny("qwen2")
     inputs = make_inputs("qwen2", processor, BATCH)
     held: list[int] = []
@@ -418,3 +417,55 @@ def test_every_layer_scores_with_every_chunks_statistics(monkeypatch):
     # Global statistics: one count per sample, of its real tokens' hidden values.
     real = (inputs["attention_mask"].sum(-1) * model.config.hidden_size).tolist()
     assert counts == {layer: real for layer in range(model.config.num_hidden_layers)}
+
+
+def test_vlcache_state_across_chunks_is_its_fallback_rows_and_post_vision_sums(monkeypatch):
+    held, _ = held_across_chunks(monkeypatch, VLCachePress(budget=BUDGET), 7)
+    model, processor = tiny("qwen2")
+    config, (batch, length) = model.config, make_inputs("qwen2", processor, BATCH)["input_ids"].shape
+    # Per layer: the fewest whole chunks holding the last fallback_window = 32 rows (chunks of 7 and a
+    # last one of 3: 5 x 7 + 3 = 38 rows), float32; the post-vision attention so far, batch x kv_heads x
+    # length float32, its query count (int64) and whether an image was seen (bool) per sample.
+    rows = batch * 38 * config.hidden_size * 4
+    per_layer = rows + batch * config.num_key_value_heads * length * 4 + batch * (8 + 1)
+    assert held[-1] == config.num_hidden_layers * per_layer + prompt_bytes(batch, length)
+
+
+def test_vlcache_post_vision_sums_restart_at_each_image_and_fall_back_at_the_end():
+    """Fed by hand with image positions of our choosing: two images in one sample (the sums restart
+    at the second), a prompt ending in an image in the other (its fallback window, from the rows kept);
+    the reference is the press's score over the whole prompt in one go."""
+    model, processor = tiny("qwen2")
+    inputs = make_inputs("qwen2", processor, BATCH)
+    calls, cache = capture_attention_calls(model, inputs)
+    key_mask = inputs["attention_mask"].bool()
+    batch, length = key_mask.shape
+    assert bool(key_mask[0].all()) and int(key_mask[1].sum()) >= 4
+    positions = torch.arange(length)[None].expand(batch, -1)  # the model's own (no position_ids given)
+    images = torch.zeros(batch, length, dtype=torch.bool)
+    images[0, 10:15] = images[0, 30:35] = True  # the second image starts in the chunk [28, 35)
+    images[1, -2:] = True  # ends in an image: no post-vision tokens
+    press = VLCachePress(budget=BUDGET, fallback_window=3)
+    adapter = get_adapter(model)
+    chunked = ChunkedPrefill(press, adapter, length)
+    for start in range(0, length, 7):
+        end = min(start + 7, length)
+        chunked.add_chunk(
+            end - start, positions[:, start:end], key_mask[:, :end], media_mask=images[:, start:end]
+        )
+        for call in calls:
+            keys = cache.layers[call["module"].layer_idx].keys[:, :, :end]
+            chunked.add_layer(call["module"], call["hidden_states"][:, start:end], keys)
+    whole = ScoringState(adapter=adapter, key_mask=key_mask, positions=positions, image_mask=images)
+    for call in calls:
+        module = call["module"]
+        layer = cache.layers[module.layer_idx]
+        with press.scoring(whole):
+            want = press.score(module, call["hidden_states"], layer.keys, layer.values, None, {})
+        with press.scoring(chunked.prompt_state()):
+            rows = chunked.attention_input(module)
+            got = press.score(module, rows, layer.keys, layer.values, None, {})
+        assert rows.shape[1] < length
+        torch.testing.assert_close(got, want, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+        summed = chunked.prompt_state().accumulated(module)
+        assert summed.count.tolist() == [length - 35, 0] and summed.seen_image.tolist() == [True, True]
