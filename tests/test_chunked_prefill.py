@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mmshiftkv.allocators import AdaAllocator
+from mmshiftkv.allocators import AdaAllocator, MEDAAllocator, VLCacheAllocator
 from mmshiftkv.cache import cache_argument, compressed_attention
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import (
@@ -128,6 +128,11 @@ def assert_equal_to_one_forward(run: Run, reference: Run) -> None:
     assert run.scores.keys() == reference.scores.keys()
     for layer, scores in reference.scores.items():
         torch.testing.assert_close(run.scores[layer], scores, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    assert (stats.layer_statistics is None) == (want.layer_statistics is None)
+    if want.layer_statistics is not None:  # a whole-model allocator's per-layer statistic
+        torch.testing.assert_close(
+            stats.layer_statistics, want.layer_statistics, rtol=SCORE_RTOL, atol=SCORE_ATOL
+        )
     assert torch.equal(stats.kept, want.kept)
     assert stats.prompt_tokens == want.prompt_tokens
     swaps = 0
@@ -200,6 +205,26 @@ def test_chunked_prefill_under_a_score_allocator_equals_one_forward(name: str):
     assert_equal_to_one_forward(run, reference)
 
 
+#: Presses under whole-model allocators (whose statistic is a ratio of per-query sums).
+WHOLE_MODEL = [
+    ("vlcache", {"allocator": "vlcache"}),
+    ("lookm", {"merging": "average", "allocator": MEDAAllocator(entropy="prompt")}),
+    ("snapkv", {"allocator": VLCacheAllocator(fallback_window=40, relative=False)}),
+]
+
+
+@pytest.mark.parametrize(("name", "fields"), WHOLE_MODEL)
+def test_chunked_prefill_under_a_whole_model_allocator_equals_one_forward(name: str, fields: dict):
+    family = "qwen2.5-vl"
+    if not generate_chunks_correctly(family):
+        pytest.skip("this transformers' generate(prefill_chunk_size=...) runs chunks at wrong positions")
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, BATCH)
+    reference = generate(model, inputs, fresh_press(name, **fields), None)
+    assert reference.stats.layer_statistics is not None
+    assert_equal_to_one_forward(generate(model, inputs, fresh_press(name, **fields), 7), reference)
+
+
 def manual_prefill(model, inputs: dict, press, chunk: int) -> Run:
     """Forwards of consecutive slices over one cache, after ``press.expect_prompt``; then 3 greedy steps."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -243,6 +268,7 @@ MANUAL_PRESSES = [
     ("mixkv", {"window_size": 4, "base": LookMPress()}),
     ("vlcache", {}),
     ("vlcache", {"fallback_window": 3, "kernel_size": 3}),
+    *WHOLE_MODEL,
 ]
 
 
@@ -286,7 +312,7 @@ def test_whole_model_allocators_and_external_scorers_refuse_a_chunked_prefill():
     inputs = make_inputs("qwen2", processor, BATCH)
     press = ShiftKVPress(budget=BUDGET, allocator=make_allocator("meda"))
     with pytest.raises(
-        PressUsageError, match="MEDAAllocator allocates from statistics of every prompt query"
+        PressUsageError, match="MEDAAllocator allocates from the cross-modal attention entropy"
     ):
         manual_prefill(model, inputs, press, 7)
     press = ExternalScorerPress(press=SnapKVPress(budget=BUDGET), budget=BUDGET)
@@ -469,3 +495,14 @@ def test_vlcache_post_vision_sums_restart_at_each_image_and_fall_back_at_the_end
         torch.testing.assert_close(got, want, rtol=SCORE_RTOL, atol=SCORE_ATOL)
         summed = chunked.prompt_state().accumulated(module)
         assert summed.count.tolist() == [length - 35, 0] and summed.seen_image.tolist() == [True, True]
+
+
+def test_whole_model_allocator_state_across_chunks_adds_four_numbers_per_sample_and_layer(monkeypatch):
+    held, _ = held_across_chunks(monkeypatch, SnapKVPress(budget=BUDGET, allocator=VLCacheAllocator()), 7)
+    model, processor = tiny("qwen2")
+    config, (batch, length) = model.config, make_inputs("qwen2", processor, BATCH)["input_ids"].shape
+    # Per layer: the rows for the allocator's fallback_window = 32 (SnapKV's window is smaller): 38, as
+    # above; the allocator's sums (numerator, denominator: float64), query count (int64) and whether
+    # an image was seen (bool) per sample. SnapKV itself keeps nothing else.
+    per_layer = batch * 38 * config.hidden_size * 4 + batch * (8 + 8 + 8 + 1)
+    assert held[-1] == config.num_hidden_layers * per_layer + prompt_bytes(batch, length)

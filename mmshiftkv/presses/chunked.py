@@ -8,7 +8,10 @@ a :class:`ChunkedPrefill` keeps
 * the last :attr:`~mmshiftkv.presses.base.BudgetedPress.prefill_rows` rows of the attention input
   (SnapKV's window, the last query; at least :data:`~mmshiftkv.models.adapter.ROTATION_CHECK_ROWS`);
 * what :meth:`~mmshiftkv.presses.base.BudgetedPress.accumulate_chunk` folds in chunk by chunk
-  (ShiftKV's and ExpectedAttention's running :class:`~mmshiftkv.presses.moments.Moments`);
+  (ShiftKV's and ExpectedAttention's running :class:`~mmshiftkv.presses.moments.Moments`, LOOK-M's
+  and VL-Cache's attention sums);
+* under a whole-model allocator (MEDA, VL-Cache), its statistic's sums over the queries
+  (:func:`~mmshiftkv.presses.deferred.accumulate_layer_sums`);
 
 and for the prompt its padding mask, positions, image/video token mask and the visibility rows of the
 model's own mask. Once
@@ -29,6 +32,7 @@ from torch import nn
 
 from mmshiftkv.cache.masks import VISIBILITY_ROWS
 from mmshiftkv.models.adapter import ROTATION_CHECK_ROWS, ModelAdapter
+from mmshiftkv.presses.deferred import accumulate_layer_sums
 from mmshiftkv.presses.errors import PressUsageError
 from mmshiftkv.presses.state import ScoringState
 
@@ -91,9 +95,15 @@ class ChunkedPrefill:
         #: The cache the chunks go to (set by whoever routes the forwards; identity is checked there).
         self.cache: Any = None
         rows = press.prefill_rows
+        allocator = press.allocator
+        #: Whether a whole-model allocator gathers its statistic chunk by chunk too.
+        self._allocating = allocator is not None and allocator.needs_all_layers
+        if rows is not None and self._allocating:
+            rows = max(rows, allocator.prefill_rows)
         self._keep = None if rows is None else max(rows, ROTATION_CHECK_ROWS, 1)
         self._rows: dict[int, TrailingRows] = {}
         self._statistics: dict[int, Any] = {}
+        self._allocator_statistics: dict[int, Any] = {}
         self._positions: list[torch.Tensor] = []
         self._real: list[torch.Tensor | None] = []
         self._media: list[torch.Tensor | None] = []
@@ -111,7 +121,8 @@ class ChunkedPrefill:
     def nbytes(self) -> int:
         """Bytes held for the prompt so far: trailing rows, statistics, positions, padding, visibility."""
         visibility = [rows for _, rows in self._visibility]
-        held = [self._statistics, self._positions, self._real, self._media, visibility]
+        statistics = [self._statistics, self._allocator_statistics]
+        held = [statistics, self._positions, self._real, self._media, visibility]
         return sum(rows.nbytes for rows in self._rows.values()) + _tensor_bytes(held)
 
     def add_chunk(
@@ -212,6 +223,10 @@ class ChunkedPrefill:
             self._statistics[layer] = self.press.accumulate_chunk(
                 module, hidden_states, real, keys, self._statistics.get(layer)
             )
+            if self._allocating:
+                self._allocator_statistics[layer] = accumulate_layer_sums(
+                    self.press, module, hidden_states, real, keys, self._allocator_statistics.get(layer)
+                )
 
     def attention_input(self, module: nn.Module) -> torch.Tensor:
         """What :meth:`~BudgetedPress.score` reads as ``hidden_states``: the kept trailing rows."""
@@ -251,6 +266,7 @@ class ChunkedPrefill:
                 # The live dict: at the last chunk, layers after the first fold their share in after
                 # this state is built (at the first layer).
                 chunk_statistics=self._statistics,
+                allocator_statistics=self._allocator_statistics if self._allocating else None,
             )
         return self._prompt_state
 

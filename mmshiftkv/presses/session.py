@@ -414,8 +414,11 @@ class PressSession:
     def _finish_prefill(self, forward: _Forward) -> None:
         """End of a prefill forward: the press compresses the layers it deferred (whole-model
         allocators, :mod:`mmshiftkv.presses.deferred`); the model's full mask is released."""
+        chunked = forward.chunked
+        # The last chunk's forward finishes the chunked prompt: its layers were deferred with its state.
+        state = chunked.prompt_state() if chunked is not None and chunked.complete else forward.state
         try:
-            with self.press.scoring(forward.state):
+            with self.press.scoring(state):
                 self.press.finish_prefill(forward.cache)
         finally:
             forward.state.mask = None

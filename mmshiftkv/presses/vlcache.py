@@ -9,7 +9,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmshiftkv.allocators.layer_budgets import masked_softmax, post_vision_queries, require_image_mask
+from mmshiftkv.allocators.layer_budgets import (
+    masked_softmax,
+    post_vision_queries,
+    post_vision_so_far,
+    require_image_mask,
+)
 from mmshiftkv.presses.attention import mean_over_query_groups, query_blocks
 from mmshiftkv.presses.base import BudgetedPress
 from mmshiftkv.presses.errors import PressUsageError
@@ -123,12 +128,9 @@ class VLCachePress(BudgetedPress):
                 f"{type(self).__name__} sums each chunk's post-vision attention over the keys so far, "
                 "which this chunked prefill did not provide"
             )
-        image = require_image_mask(state.image_mask, real, type(self).__name__) & real
-        index = torch.arange(real.shape[1], device=real.device)
-        last_image = torch.where(image, index, -1).amax(-1)
-        restart = image.any(-1)
-        seen_image = restart if previous is None else previous.seen_image | restart
-        queries = real & (index[None, :] > last_image[:, None]) & seen_image[:, None]
+        image_mask = require_image_mask(state.image_mask, real, type(self).__name__)
+        seen = None if previous is None else previous.seen_image
+        queries, restart, seen_image = post_vision_so_far(real, image_mask, seen)
         past = keys.shape[2] - real.shape[1]
         received = _received(state, module, hidden_states, keys, queries, past)
         count = queries.sum(-1)
