@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mmshiftkv.allocators import AdaAllocator, MEDAAllocator, VLCacheAllocator
+from mmshiftkv.allocators import MEDAAllocator, VLCacheAllocator
 from mmshiftkv.cache import cache_argument, compressed_attention
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import (
@@ -193,15 +193,27 @@ def test_generate_with_prefill_chunks_equals_one_forward(name: str, chunk: int):
     assert_equal_to_one_forward(generate(model, inputs, fresh_press(name), chunk), reference)
 
 
-@pytest.mark.parametrize("name", ["shiftkv", "snapkv", "expected_attention"])
-def test_chunked_prefill_under_a_score_allocator_equals_one_forward(name: str):
+@pytest.mark.parametrize(
+    ("name", "allocator"),
+    [
+        ("shiftkv", "ada"),
+        ("snapkv", "ada"),
+        ("expected_attention", "ada"),
+        ("lookm", "ada"),
+        ("vlcache", "ada"),
+        ("snapkv", "pyramid"),
+    ],
+)
+def test_chunked_prefill_under_a_per_layer_allocator_equals_one_forward(name: str, allocator: str):
     family = "qwen2.5-vl"
     if not generate_chunks_correctly(family):
         pytest.skip("this transformers' generate(prefill_chunk_size=...) runs chunks at wrong positions")
     model, processor = tiny(family)
     inputs = make_inputs(family, processor, BATCH)
-    reference = generate(model, inputs, fresh_press(name, allocator=AdaAllocator(window=4)), None)
-    run = generate(model, inputs, fresh_press(name, allocator=AdaAllocator(window=4)), 7)
+    reference = generate(
+        model, inputs, fresh_press(name, allocator=make_allocator(allocator, window=4)), None
+    )
+    run = generate(model, inputs, fresh_press(name, allocator=make_allocator(allocator, window=4)), 7)
     assert_equal_to_one_forward(run, reference)
 
 
