@@ -119,7 +119,8 @@ class ChunkedPrefill:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the prompt so far: trailing rows, statistics, positions, padding, visibility."""
+        """Bytes held for the prompt so far: trailing rows, statistics (the press's and a whole-model
+        allocator's), positions, padding, image-token mask, visibility."""
         visibility = [rows for _, rows in self._visibility]
         statistics = [self._statistics, self._allocator_statistics]
         held = [statistics, self._positions, self._real, self._media, visibility]

@@ -101,7 +101,8 @@ class VLCachePress(BudgetedPress):
         if accumulated is None:
             received = _received(state, module, hidden_states, keys, post_vision[:, past:], past)
         else:
-            summed = (accumulated.seen_image & (accumulated.count > 0)).to(keys.device)
+            # The chunks gathered the post-vision queries where they gathered as many (else none).
+            summed = accumulated.count.to(keys.device) == post_vision.sum(-1)
             fallback = post_vision[:, past:] & ~summed[:, None]
             received = _received(state, module, hidden_states, keys, fallback, past)
             received = torch.where(summed[:, None, None], accumulated.received, received)
@@ -146,8 +147,8 @@ class VLCachePress(BudgetedPress):
 class PostVisionAttention:
     """What :meth:`VLCachePress.accumulate_chunk` keeps per KV layer across the chunks of one prompt.
 
-    Per request and KV layer: ``batch x kv_heads x prompt_length`` float32 (``received``) and
-    ``2 x batch`` bytes-and-int64 counters.
+    Per request and KV layer: ``batch x kv_heads x prompt_length`` float32 (``received``), and an
+    int64 and a bool per sample.
 
     Attributes
     ----------
