@@ -16,7 +16,7 @@ from test_copies import assert_same_cache, decode, prefill, tensors_of
 
 from mmshiftkv.cache import cache_argument, compressed_attention
 from mmshiftkv.cache.compat import prompt_cache_argument
-from mmshiftkv.presses import FullKVPress, LookMPress, PressUsageError, SnapKVPress
+from mmshiftkv.presses import ExternalScorerPress, FullKVPress, PressUsageError, SnapKVPress
 from mmshiftkv.testing import QUESTION, build_tiny_model, greedy, make_inputs, tiny
 
 BUDGET = 8
@@ -81,9 +81,9 @@ def test_refused_prefills_leave_the_given_cache_empty(family: str):
         with pytest.raises(PressUsageError, match="right padding"), SnapKVPress(budget=BUDGET)(model):
             model(**right_padded, **argument)
         assert_empty(cache, model)
-        # A press that cannot score chunks (LOOK-M) refuses them before the first chunk runs.
+        # A press that cannot score chunks (a wrapped external scorer) refuses them before the first runs.
         chunks = pytest.raises(PressUsageError, match="cannot score a prompt prefilled in chunks")
-        with chunks, LookMPress(budget=BUDGET)(model):
+        with chunks, ExternalScorerPress(press=SnapKVPress(), budget=BUDGET)(model):
             model.generate(**inputs, **argument, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
         assert_empty(cache, model)
         # The same cache then serves a correct run: it equals a run on a new cache.

@@ -210,6 +210,52 @@ class LayerBudgetAllocator(Allocator):
         """``(batch, seq_len)`` bool: the queries :meth:`layer_statistic` reads (default: every real one)."""
         return key_mask
 
+    # ------------------------------------------------------ chunked prefill
+    @property
+    def prefill_rows(self) -> int:
+        """Trailing attention-input rows kept across the chunks of a chunked prefill (default 0), for
+        queries that only the complete prompt designates (VL-Cache's fallback window)."""
+        return 0
+
+    def chunked_prefill_refusal(self) -> str | None:
+        """Why this allocator's statistic cannot be gathered chunk by chunk, or None where it can.
+
+        Where it can, the statistic is a ratio of sums over its queries (:meth:`layer_sums`), and each
+        query's attention is complete in its chunk (it sees no later key).
+        """
+        return None
+
+    def chunk_queries(
+        self, real: torch.Tensor, image_mask: torch.Tensor | None, seen_image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk's share of :meth:`statistic_queries`, as far as the prompt has come.
+
+        Parameters
+        ----------
+        real : torch.Tensor
+            ``(batch, n_tokens)`` bool, the chunk's real tokens.
+        image_mask : torch.Tensor or None
+            ``(batch, n_tokens)`` bool, the chunk's image/video tokens.
+        seen_image : torch.Tensor or None
+            ``(batch,)`` bool, whether an earlier chunk held an image token (None: the first chunk).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``queries`` ``(batch, n_tokens)`` bool; ``restart`` ``(batch,)`` bool, True where the earlier
+            chunks' sums no longer count; ``seen_image`` ``(batch,)`` bool, updated. Default: every real
+            query, never a restart.
+        """
+        seen = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+        return real, seen.clone(), seen if seen_image is None else seen_image
+
+    def layer_sums(
+        self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(numerator, denominator)``, each ``(batch,)`` float64: sums over the blocks' queries whose
+        ratio is :meth:`layer_statistic` (where :meth:`chunked_prefill_refusal` is None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-query sums")
+
     @abstractmethod
     def layer_statistic(
         self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor, image_mask: torch.Tensor | None
@@ -290,6 +336,26 @@ class LayerBudgetAllocator(Allocator):
         self, budget: int, layer_idx: int, n: int, scores: torch.Tensor | None
     ) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} allocates every layer at once (allocate_layers)")
+
+
+def post_vision_so_far(
+    real: torch.Tensor, image_mask: torch.Tensor, seen_image: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's :func:`post_vision_queries` as far as the prompt has come: its real tokens after the
+    last image token so far.
+
+    ``real`` and ``image_mask``: ``(batch, n_tokens)`` bool of the chunk; ``seen_image``: ``(batch,)``
+    bool, an image token in an earlier chunk (None: the first chunk). Returns ``queries`` ``(batch,
+    n_tokens)``, ``restart`` ``(batch,)`` (an image token in this chunk: the earlier chunks' post-vision
+    queries were not post-vision after all) and the updated ``seen_image``. Where the complete prompt
+    ends up without post-vision tokens, the fallback window replaces whatever was gathered.
+    """
+    image = image_mask.to(real.device, torch.bool) & real
+    index = torch.arange(real.shape[1], device=real.device)
+    last_image = torch.where(image, index, -1).amax(-1)
+    restart = image.any(-1)
+    seen = restart if seen_image is None else seen_image.to(real.device) | restart
+    return real & (index[None, :] > last_image[:, None]) & seen[:, None], restart, seen
 
 
 def require_image_mask(image_mask: torch.Tensor | None, key_mask: torch.Tensor, who: str) -> torch.Tensor:

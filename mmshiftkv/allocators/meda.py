@@ -86,7 +86,28 @@ class MEDAAllocator(LayerBudgetAllocator):
         if self.entropy == "cross_modal":
             image_mask = require_image_mask(image_mask, key_mask, "MEDAAllocator(entropy='cross_modal')")
             return self._cross_modal_entropy(blocks, key_mask, image_mask)
-        return _prompt_entropy(blocks, key_mask)
+        total, queries = self.layer_sums(blocks, key_mask)
+        return total / queries.clamp(min=1)
+
+    def chunked_prefill_refusal(self) -> str | None:
+        if self.entropy == "cross_modal":
+            return (
+                "allocates from the cross-modal attention entropy, where a text query sees every image key "
+                "and an image query every text key, also those after it: a chunk's queries would need keys "
+                "of later chunks. Use MEDAAllocator(entropy='prompt') (the released code's entropy)"
+            )
+        return None
+
+    def layer_sums(
+        self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt entropy's sum over the blocks' queries and their number, ``(batch,)`` float64 each."""
+        total = torch.zeros(key_mask.shape[0], dtype=torch.float64)
+        queries = torch.zeros(key_mask.shape[0], dtype=torch.float64)
+        for block in blocks:
+            total += _entropy_sum(block).cpu()
+            queries += block.queries.sum(-1).double().cpu()
+        return total, queries
 
     def _cross_modal_entropy(
         self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor, image_mask: torch.Tensor
@@ -115,10 +136,3 @@ def _entropy_sum(block: QueryBlock) -> torch.Tensor:
     """Sum over the block's chosen rows of the mean over query heads of the model-attention row entropy."""
     probs = masked_softmax(block.logits, block.visible[:, None])
     return (row_entropy(probs).mean(1) * block.queries).sum(-1).double()
-
-
-def _prompt_entropy(blocks: Iterable[QueryBlock], key_mask: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros(key_mask.shape[0], dtype=torch.float64)
-    for block in blocks:
-        total += _entropy_sum(block).cpu()
-    return total / key_mask.sum(-1).cpu().clamp(min=1)

@@ -13,6 +13,7 @@ from mmshiftkv.allocators.layer_budgets import (
     check_fraction,
     masked_softmax,
     post_vision_queries,
+    post_vision_so_far,
     require_image_mask,
 )
 from mmshiftkv.validation import check_bool, check_int
@@ -68,10 +69,27 @@ class VLCacheAllocator(LayerBudgetAllocator):
         image_mask = require_image_mask(image_mask, key_mask, type(self).__name__)
         return post_vision_queries(key_mask, image_mask, self.fallback_window)
 
+    @property
+    def prefill_rows(self) -> int:
+        return self.fallback_window
+
+    def chunk_queries(
+        self, real: torch.Tensor, image_mask: torch.Tensor | None, seen_image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_mask = require_image_mask(image_mask, real, type(self).__name__)
+        return post_vision_so_far(real, image_mask, seen_image)
+
     def layer_statistic(
         self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor, image_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Sparsity ``gamma_l`` per sample, ``(batch,)`` float64 in ``[0, 1]``."""
+        sparse, entries = self.layer_sums(blocks, key_mask)
+        return sparse / entries.clamp(min=1)
+
+    def layer_sums(
+        self, blocks: Iterable[QueryBlock], key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse attention entries and all entries of the blocks' queries, ``(batch,)`` float64 each."""
         sparse = torch.zeros(key_mask.shape[0], dtype=torch.float64)
         entries = torch.zeros(key_mask.shape[0], dtype=torch.float64)
         for block in blocks:
@@ -84,7 +102,7 @@ class VLCacheAllocator(LayerBudgetAllocator):
                 below = probs <= self.threshold
             sparse += (below & seen[:, None]).sum((1, 2, 3)).double().cpu()
             entries += (seen.sum((1, 2)) * probs.shape[1]).double().cpu()
-        return sparse / entries.clamp(min=1)
+        return sparse, entries
 
     def layer_weights(self, statistics: torch.Tensor) -> torch.Tensor:
         return (1 - statistics.double()).clamp(min=0)

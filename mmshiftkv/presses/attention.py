@@ -115,6 +115,7 @@ def attention_column_sums(
     scaling: float,
     key_mask: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    past: int = 0,
 ) -> torch.Tensor:
     """H2O's accumulated attention: the attention every prompt key receives from all prompt queries.
 
@@ -124,10 +125,14 @@ def attention_column_sums(
     blocks of at most :data:`COLUMN_SUM_BLOCK_ELEMENTS` probabilities: the ``seq_len x seq_len``
     matrix is never held.
 
+    The queries may be the prompt's tokens ``[past, past + n_queries)`` only (one chunk of a chunked
+    prefill, against the keys so far): the sums are then that chunk's share, and the chunks' shares
+    add up to the whole prompt's (a key's column gets nothing from queries before it).
+
     Parameters
     ----------
     queries : torch.Tensor
-        Rotated prompt queries, ``(batch, q_heads, seq_len, head_dim)``.
+        Rotated prompt queries, ``(batch, q_heads, n_queries, head_dim)``.
     keys : torch.Tensor
         Rotated prompt keys, ``(batch, kv_heads, seq_len, head_dim)``; KV head ``h`` serves query heads
         ``[h * r, (h + 1) * r)``.
@@ -136,8 +141,10 @@ def attention_column_sums(
     key_mask : torch.Tensor, optional
         ``(batch, seq_len)`` bool, True for real tokens.
     mask : torch.Tensor, optional
-        The model's own 4-D mask ``(batch or 1, 1, seq_len, seq_len)`` (:attr:`ScoringState.mask`);
+        The model's own 4-D mask ``(batch or 1, 1, n_queries, seq_len)`` (:attr:`ScoringState.mask`);
         None means causal.
+    past : int, default=0
+        Prompt tokens before the first query (``seq_len - n_queries`` for a chunk; 0: every query).
 
     Returns
     -------
@@ -146,14 +153,15 @@ def attention_column_sums(
     """
     batch, kv_heads, seq_len, head_dim = keys.shape
     group = queries.shape[1] // kv_heads
+    n_queries = queries.shape[2]
     keys_t = keys.float().transpose(-1, -2)[:, :, None]  # (batch, kv_heads, 1, head_dim, seq_len)
-    grouped = queries.reshape(batch, kv_heads, group, seq_len, head_dim)
+    grouped = queries.reshape(batch, kv_heads, group, n_queries, head_dim)
     block = max(1, COLUMN_SUM_BLOCK_ELEMENTS // (batch * queries.shape[1] * seq_len))
     total = torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=keys.device)
-    for start in range(0, seq_len, block):
-        stop = min(seq_len, start + block)
+    for start in range(0, n_queries, block):
+        stop = min(n_queries, start + block)
         rows = None if mask is None else mask_visibility(mask[:, 0, start:stop, :seq_len])
-        visible = query_visibility(batch, start, stop, seq_len, key_mask, rows, keys.device)
+        visible = query_visibility(batch, past + start, past + stop, seq_len, key_mask, rows, keys.device)
         seen = torch.nonzero(visible.any(1).any(0))
         if seen.numel() == 0:
             continue
@@ -203,6 +211,7 @@ def query_blocks(
     keys: torch.Tensor,
     queries: torch.Tensor,
     block_elements: int = QUERY_BLOCK_ELEMENTS,
+    past: int = 0,
 ) -> Iterator[QueryBlock]:
     """Attention logits of the chosen prompt queries over all prompt keys, block by block.
 
@@ -211,6 +220,12 @@ def query_blocks(
     that a block's logits stay within ``block_elements`` floats; blocks holding none of the chosen
     queries are skipped. GQA without copying keys: the query heads of a KV head are stacked as rows.
 
+    ``hidden_states`` may hold the prompt's rows ``[past, seq_len)`` only (a chunk of a chunked
+    prefill against the keys so far, or the trailing rows kept across chunks). ``state.positions``
+    and the rows of ``state.mask`` are those of the prompt's last tokens (the whole prompt's, or the
+    chunk's); without a mask the model's visibility rows ``state.visibility`` are used where they
+    cover the block.
+
     Parameters
     ----------
     state : ScoringState
@@ -218,13 +233,15 @@ def query_blocks(
     module : nn.Module
         The attention layer.
     hidden_states : torch.Tensor
-        Its input, ``(batch, seq_len, hidden)``.
+        Its input, ``(batch, n_rows, hidden)``: the prompt's rows ``[past, past + n_rows)``.
     keys : torch.Tensor
         The cached (rotated) prompt keys, ``(batch, kv_heads, seq_len, head_dim)``.
     queries : torch.Tensor
-        ``(batch, seq_len)`` bool, the queries wanted.
+        ``(batch, n_rows)`` bool, the queries wanted.
     block_elements : int
         Bound on ``batch * q_heads * rows * seq_len`` per block.
+    past : int, default=0
+        Prompt tokens before the first row of ``hidden_states``.
 
     Yields
     ------
@@ -232,32 +249,41 @@ def query_blocks(
         Rows in increasing position; ``queries`` and ``visible`` exclude padding.
     """
     batch, kv_heads, seq_len, head_dim = keys.shape
+    n_rows = hidden_states.shape[1]
     key_mask = state.real_tokens(batch, seq_len, keys.device)
-    wanted = queries & key_mask
+    wanted = queries & key_mask[:, past:]
     q_heads = state.adapter.n_heads
     group = q_heads // kv_heads
     rows = max(1, block_elements // (batch * q_heads * seq_len))
     keys_t = keys.float().transpose(-1, -2)
     positions = torch.arange(seq_len, device=keys.device)
+    visibility = state.visibility
     chosen = wanted.any(0).nonzero()
-    first = int(chosen[0]) if chosen.numel() else seq_len
-    for start in range(first, seq_len, rows):
-        stop = min(start + rows, seq_len)
+    first = int(chosen[0]) if chosen.numel() else n_rows
+    for start in range(first, n_rows, rows):
+        stop = min(start + rows, n_rows)
         block_wanted = wanted[:, start:stop]
         if not bool(block_wanted.any()):
             continue
         query_states = state.adapter.query_states(module, hidden_states[:, start:stop])
-        query_states = state.adapter.apply_rope(query_states, state.positions[..., start:stop], module)
+        at = past + start - (seq_len - state.positions.shape[-1])
+        query_positions = state.positions[..., at : at + stop - start]
+        query_states = state.adapter.apply_rope(query_states, query_positions, module)
         stacked = query_states.float().reshape(batch, kv_heads, group * (stop - start), head_dim)
         logits = torch.matmul(stacked, keys_t).view(batch, q_heads, stop - start, seq_len) * module.scaling
+        query_index = positions[past + start : past + stop]
         if state.mask is not None:
-            seen = mask_visibility(state.mask[:, 0, start:stop, :seq_len]).to(keys.device)
+            at = past + start - (seq_len - state.mask.shape[2])
+            seen = mask_visibility(state.mask[:, 0, at : at + stop - start, :seq_len]).to(keys.device)
             seen = seen.expand(batch, -1, -1)
+        elif visibility is not None and past + start >= seq_len - visibility.shape[1]:
+            offset = past - (seq_len - visibility.shape[1])
+            seen = visibility[:, offset + start : offset + stop].to(keys.device)
         else:
-            seen = (positions[None, :] <= positions[start:stop, None])[None].expand(batch, -1, -1)
+            seen = (positions[None, :] <= query_index[:, None])[None].expand(batch, -1, -1)
         yield QueryBlock(
             logits=logits,
-            query_index=positions[start:stop],
+            query_index=query_index,
             queries=block_wanted,
             visible=seen & key_mask[:, None, :],
         )

@@ -146,15 +146,10 @@ class BudgetedPress:
 
     def chunked_prefill_reason(self) -> str | None:
         """Why this press, with its allocator, cannot score a chunked prefill; None where it can."""
-        if (
-            self.chunked_prefill_refusal is None
-            and self.allocator is not None
-            and self.allocator.needs_all_layers
-        ):
-            return (
-                f"{type(self.allocator).__name__} allocates from statistics of every prompt query in every "
-                "layer, which a chunked prefill does not keep"
-            )
+        allocator = self.allocator
+        if self.chunked_prefill_refusal is None and allocator is not None and allocator.needs_all_layers:
+            reason = allocator.chunked_prefill_refusal()
+            return None if reason is None else f"{type(allocator).__name__} {reason}"
         return self.chunked_prefill_refusal
 
     @property

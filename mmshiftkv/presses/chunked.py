@@ -8,9 +8,13 @@ a :class:`ChunkedPrefill` keeps
 * the last :attr:`~mmshiftkv.presses.base.BudgetedPress.prefill_rows` rows of the attention input
   (SnapKV's window, the last query; at least :data:`~mmshiftkv.models.adapter.ROTATION_CHECK_ROWS`);
 * what :meth:`~mmshiftkv.presses.base.BudgetedPress.accumulate_chunk` folds in chunk by chunk
-  (ShiftKV's and ExpectedAttention's running :class:`~mmshiftkv.presses.moments.Moments`);
+  (ShiftKV's and ExpectedAttention's running :class:`~mmshiftkv.presses.moments.Moments`, LOOK-M's
+  and VL-Cache's attention sums);
+* under a whole-model allocator (MEDA, VL-Cache), its statistic's sums over the queries
+  (:func:`~mmshiftkv.presses.deferred.accumulate_layer_sums`);
 
-and for the prompt its padding mask, positions and the visibility rows of the model's own mask. Once
+and for the prompt its padding mask, positions, image/video token mask and the visibility rows of the
+model's own mask. Once
 the last chunk is in, :meth:`ChunkedPrefill.prompt_state` is the :class:`ScoringState` of the whole
 prompt and :meth:`ChunkedPrefill.attention_input` the ``hidden_states`` the press's ``score`` reads;
 keys and values are those in the cache. Nothing here depends on transformers: a serving engine calls
@@ -28,6 +32,7 @@ from torch import nn
 
 from mmshiftkv.cache.masks import VISIBILITY_ROWS
 from mmshiftkv.models.adapter import ROTATION_CHECK_ROWS, ModelAdapter
+from mmshiftkv.presses.deferred import accumulate_layer_sums
 from mmshiftkv.presses.errors import PressUsageError
 from mmshiftkv.presses.state import ScoringState
 
@@ -77,7 +82,8 @@ class ChunkedPrefill:
     last ``max(prefill_rows, 8)`` (at most ``max(prefill_rows, 8) + chunk - 1`` rows x ``hidden``),
     and the press's statistics (ShiftKV: 3 float64 per sample, or 3 x ``hidden`` per-feature;
     ExpectedAttention: ``heads x head_dim x (head_dim + 1)`` float64, twice: sinks and the rest); per
-    request: the prompt's positions and padding mask (``O(prompt_length)`` integers).
+    request: the prompt's positions, padding mask and image/video token mask (``O(prompt_length)``
+    integers: 8 bytes per token and M-RoPE axis, 1 and 1).
     """
 
     def __init__(self, press: BudgetedPress, adapter: ModelAdapter, prompt_length: int) -> None:
@@ -89,11 +95,18 @@ class ChunkedPrefill:
         #: The cache the chunks go to (set by whoever routes the forwards; identity is checked there).
         self.cache: Any = None
         rows = press.prefill_rows
+        allocator = press.allocator
+        #: Whether a whole-model allocator gathers its statistic chunk by chunk too.
+        self._allocating = allocator is not None and allocator.needs_all_layers
+        if rows is not None and self._allocating:
+            rows = max(rows, allocator.prefill_rows)
         self._keep = None if rows is None else max(rows, ROTATION_CHECK_ROWS, 1)
         self._rows: dict[int, TrailingRows] = {}
         self._statistics: dict[int, Any] = {}
+        self._allocator_statistics: dict[int, Any] = {}
         self._positions: list[torch.Tensor] = []
         self._real: list[torch.Tensor | None] = []
+        self._media: list[torch.Tensor | None] = []
         self._visibility: list[tuple[int, torch.Tensor | None]] = []
         self._chunk: ScoringState | None = None
         self._chunk_real: torch.Tensor | None = None
@@ -106,8 +119,11 @@ class ChunkedPrefill:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the prompt so far: trailing rows, statistics, positions, padding, visibility."""
-        held = [self._statistics, self._positions, self._real, [rows for _, rows in self._visibility]]
+        """Bytes held for the prompt so far: trailing rows, statistics (the press's and a whole-model
+        allocator's), positions, padding, image-token mask, visibility."""
+        visibility = [rows for _, rows in self._visibility]
+        statistics = [self._statistics, self._allocator_statistics]
+        held = [statistics, self._positions, self._real, self._media, visibility]
         return sum(rows.nbytes for rows in self._rows.values()) + _tensor_bytes(held)
 
     def add_chunk(
@@ -117,6 +133,8 @@ class ChunkedPrefill:
         key_mask: torch.Tensor | None = None,
         visibility: torch.Tensor | None = None,
         block_edges: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        media_mask: torch.Tensor | None = None,
     ) -> None:
         """Register the next chunk (before its layers are added).
 
@@ -134,6 +152,13 @@ class ChunkedPrefill:
             not causal (:func:`~mmshiftkv.cache.masks.last_rows`).
         block_edges : tuple of torch.Tensor, optional
             :func:`~mmshiftkv.cache.masks.block_edges` of the chunk's mask.
+        mask : torch.Tensor, optional
+            The model's own 4-D mask of the chunk, ``(batch or 1, 1, n_tokens, keys)``
+            (:func:`~mmshiftkv.cache.masks.full_mask`), for presses that read the attention of every
+            chunk query (held for the chunk only); None: causal with ``key_mask`` padding.
+        media_mask : torch.Tensor, optional
+            ``(batch, n_tokens)`` bool, True at the chunk's image/video tokens
+            (:meth:`~mmshiftkv.models.adapter.ModelAdapter.media_mask`); None where unknown.
 
         Raises
         ------
@@ -161,11 +186,17 @@ class ChunkedPrefill:
             self._block_closes = None
         real = None if key_mask is None else key_mask[:, -n_tokens:]
         self._chunk = ScoringState(
-            adapter=self.adapter, key_mask=key_mask, positions=positions, visibility=visibility
+            adapter=self.adapter,
+            key_mask=key_mask,
+            positions=positions,
+            visibility=visibility,
+            image_mask=media_mask,
+            mask=mask,
         )
         self._chunk_real = real
         self._positions.append(positions.clone())
         self._real.append(None if real is None else real.clone())
+        self._media.append(None if media_mask is None else media_mask.to(torch.bool, copy=True))
         self._visibility.append((n_tokens, visibility))
         self._trim_visibility()
         self.length += n_tokens
@@ -193,6 +224,10 @@ class ChunkedPrefill:
             self._statistics[layer] = self.press.accumulate_chunk(
                 module, hidden_states, real, keys, self._statistics.get(layer)
             )
+            if self._allocating:
+                self._allocator_statistics[layer] = accumulate_layer_sums(
+                    self.press, module, hidden_states, real, keys, self._allocator_statistics.get(layer)
+                )
 
     def attention_input(self, module: nn.Module) -> torch.Tensor:
         """What :meth:`~BudgetedPress.score` reads as ``hidden_states``: the kept trailing rows."""
@@ -221,14 +256,18 @@ class ChunkedPrefill:
                 )
                 key_mask = None if bool(key_mask.all()) else key_mask
             check_chunk_positions(positions, key_mask, type(self.press).__name__)
+            media = None if any(m is None for m in self._media) else torch.cat(self._media, dim=-1)
             self._prompt_state = ScoringState(
                 adapter=self.adapter,
                 key_mask=key_mask,
                 positions=positions,
                 visibility=self._prompt_visibility(positions),
+                image_mask=media,
                 prompt_length=self.length,
-                # The live dict: a layer folded in after this state was first built still reads its own.
+                # The live dict: at the last chunk, layers after the first fold their share in after
+                # this state is built (at the first layer).
                 chunk_statistics=self._statistics,
+                allocator_statistics=self._allocator_statistics if self._allocating else None,
             )
         return self._prompt_state
 

@@ -13,6 +13,12 @@ counts at once and selects and compresses the layers with the rule every press u
 The cost: the full prompt cache of every layer is held until the end of the prefill forward (as
 without a press) instead of each layer shrinking right after its attention; afterwards the cache
 holds exactly what the per-layer path would.
+
+Under a chunked prefill the layers are deferred at the forward of the last chunk (with the chunked
+prompt's state), and the statistic's sums over its queries are gathered chunk by chunk
+(:func:`accumulate_layer_sums`: each query's attention over the keys so far is complete in its
+chunk); queries that only the complete prompt designates (VL-Cache's fallback window) are read from
+the trailing rows kept across chunks.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 from transformers import Cache
 
 from mmshiftkv.presses.attention import query_blocks
+from mmshiftkv.presses.errors import PressUsageError
 
 if TYPE_CHECKING:
     from mmshiftkv.presses.base import BudgetedPress
@@ -69,9 +76,13 @@ class DeferredLayers:
         key_mask = state.real_tokens(batch, seq_len, keys.device)
         allocator = press.allocator
         queries = allocator.statistic_queries(key_mask, state.image_mask)
-        blocks = query_blocks(state, module, hidden_states, keys, queries)
+        chunks = None if state.allocator_statistics is None else state.allocator_statistics[module.layer_idx]
         with torch.no_grad():
-            statistic = allocator.layer_statistic(blocks, key_mask, state.image_mask)
+            if chunks is None:
+                blocks = query_blocks(state, module, hidden_states, keys, queries)
+                statistic = allocator.layer_statistic(blocks, key_mask, state.image_mask)
+            else:
+                statistic = chunks.statistic(press, module, hidden_states, keys, queries)
             scores = press.masked_scores(module, hidden_states, keys, values, attentions, kwargs)
         n_tokens = state.n_tokens(batch, seq_len, keys.device)
         self.scored.append(_ScoredLayer(module.layer_idx, ordinal, n_tokens, scores, statistic))
@@ -100,3 +111,96 @@ class DeferredLayers:
             table = torch.full(shape, float("nan"), dtype=torch.float64)
             table[[layer.ordinal for layer in self.scored]] = statistics
             press.stats.layer_statistics = table
+
+
+@dataclass
+class LayerSums:
+    """A whole-model allocator's sums over one layer's queries so far in a chunked prefill.
+
+    Per request and KV layer: 2 float64, 1 int64 and 1 bool per sample.
+
+    Attributes
+    ----------
+    numerator, denominator : torch.Tensor
+        ``(batch,)`` float64, :meth:`~mmshiftkv.allocators.layer_budgets.LayerBudgetAllocator.layer_sums`
+        over the queries since the last restart.
+    count : torch.Tensor
+        ``(batch,)`` int64, those queries.
+    seen_image : torch.Tensor
+        ``(batch,)`` bool, whether an image token has arrived.
+    """
+
+    numerator: torch.Tensor
+    denominator: torch.Tensor
+    count: torch.Tensor
+    seen_image: torch.Tensor
+
+    def statistic(
+        self,
+        press: BudgetedPress,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        queries: torch.Tensor,
+    ) -> torch.Tensor:
+        """The layer's statistic ``(batch,)`` float64 for the whole prompt's ``queries`` ``(batch, seq_len)``.
+
+        Where the chunks gathered exactly those queries (as many), their sums; elsewhere (a prompt
+        without post-vision tokens: VL-Cache's fallback window) the sums over ``queries`` computed from
+        the trailing rows ``hidden_states``, which must hold them all.
+        """
+        state, allocator = press.state, press.allocator
+        seq_len = keys.shape[2]
+        past = seq_len - hidden_states.shape[1]
+        gathered = self.count.to(queries.device) == queries.sum(-1)
+        rest = queries & ~gathered[:, None]
+        if bool(rest[:, :past].any()):
+            raise RuntimeError(
+                f"{type(allocator).__name__} reads queries before the {hidden_states.shape[1]} rows kept "
+                "across chunks (its prefill_rows is too small)"
+            )
+        numerator, denominator = self.numerator, self.denominator
+        if bool(rest.any()):
+            blocks = query_blocks(state, module, hidden_states, keys, rest[:, past:], past=past)
+            rest_numerator, rest_denominator = allocator.layer_sums(
+                blocks, state.real_tokens(*queries.shape, keys.device)
+            )
+            numerator = torch.where(gathered.cpu(), numerator, rest_numerator)
+            denominator = torch.where(gathered.cpu(), denominator, rest_denominator)
+        return numerator / denominator.clamp(min=1)
+
+
+def accumulate_layer_sums(
+    press: BudgetedPress,
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    real: torch.Tensor,
+    keys: torch.Tensor | None,
+    previous: LayerSums | None,
+) -> LayerSums:
+    """Fold one chunk of ``module``'s layer into the whole-model allocator's sums (``press.state``: chunk).
+
+    The chunk's queries (:meth:`~mmshiftkv.allocators.layer_budgets.LayerBudgetAllocator.chunk_queries`)
+    against the keys so far, ``hidden_states`` ``(batch, n_tokens, hidden)``, ``real`` ``(batch,
+    n_tokens)`` bool, ``keys`` ``(batch, kv_heads, keys so far, head_dim)``.
+    """
+    state, allocator = press.state, press.allocator
+    if keys is None:
+        raise PressUsageError(
+            f"{type(allocator).__name__} sums each chunk's attention over the keys so far, "
+            "which this chunked prefill did not provide"
+        )
+    seen_image = None if previous is None else previous.seen_image
+    queries, restart, seen_image = allocator.chunk_queries(real, state.image_mask, seen_image)
+    past = keys.shape[2] - real.shape[1]
+    key_mask = state.real_tokens(real.shape[0], keys.shape[2], keys.device)
+    blocks = query_blocks(state, module, hidden_states, keys, queries, past=past)
+    with torch.no_grad():
+        numerator, denominator = allocator.layer_sums(blocks, key_mask)
+    count = queries.sum(-1).cpu()
+    if previous is not None:
+        carried = ~restart.cpu()
+        numerator = numerator + previous.numerator * carried
+        denominator = denominator + previous.denominator * carried
+        count = count + previous.count * carried
+    return LayerSums(numerator, denominator, count, seen_image)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ class LookMPress(BudgetedPress):
     1. score = H2O's accumulated attention ``A_s = sum_i A_p[i, :]``: the attention every prompt key
        receives from all prompt queries (causal, or the model's own mask; padding excluded), summed
        over the query heads of each KV head, in float32 and query blocks
-       (:func:`~mmshiftkv.presses.attention.attention_column_sums`);
+       (:func:`~mmshiftkv.presses.attention.attention_column_sums`); under a chunked prefill each
+       chunk's queries add their share against the keys so far (:meth:`accumulate_chunk`);
     2. each KV head keeps its ``recent`` most recent prompt tokens (the recent window ``M``) and fills
        the rest of its count with the best-scored others, **text before image** (``text_prior``, the
        paper's ``A_s[T] += max(A_s)``: every text token outranks every image token) — exactly its
@@ -84,10 +85,7 @@ class LookMPress(BudgetedPress):
         misaligned sources). Needs ``merging``.
     """
 
-    chunked_prefill_refusal: ClassVar[str | None] = (
-        "its score sums the attention every prompt query pays every key (accumulable chunk by chunk, "
-        "not built yet), and its text prior reads the whole prompt's image mask"
-    )
+    chunked_prefill_refusal: ClassVar[str | None] = None
 
     merging: MergeRule | None = "pivot"
     text_prior: bool = True
@@ -152,10 +150,43 @@ class LookMPress(BudgetedPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
+        accumulated = self.state.accumulated(module)
+        if accumulated is not None:
+            return accumulated  # a chunked prefill: every chunk's share, summed (accumulate_chunk)
+        return self._column_sums(module, hidden_states, keys)
+
+    def accumulate_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        real: torch.Tensor,
+        keys: torch.Tensor | None,
+        previous: Any,
+    ) -> torch.Tensor:
+        """The running accumulated attention ``(batch, kv_heads, keys so far)`` float32.
+
+        The chunk's queries against the keys so far (causal within the chunk, padding excluded) add
+        their column sums to the previous chunks' total, which grows by the chunk's keys (that no
+        earlier query sees). Per request and KV layer: ``batch x kv_heads x prompt_length`` float32.
+        """
+        if keys is None:
+            raise PressUsageError(
+                f"{type(self).__name__} sums each chunk's attention over the keys so far, "
+                "which this chunked prefill did not provide"
+            )
+        total = self._column_sums(module, hidden_states, keys, past=keys.shape[2] - hidden_states.shape[1])
+        if previous is not None:
+            total[..., : previous.shape[-1]] += previous
+        return total
+
+    def _column_sums(
+        self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, past: int = 0
+    ) -> torch.Tensor:
+        """:func:`~mmshiftkv.presses.attention.attention_column_sums` of the queries of ``hidden_states``."""
         state = self.state
         queries = state.adapter.query_states(module, hidden_states)
         queries = state.adapter.apply_rope(queries, state.positions, module)
-        return attention_column_sums(queries, keys, module.scaling, state.key_mask, state.mask)
+        return attention_column_sums(queries, keys, module.scaling, state.key_mask, state.mask, past=past)
 
     def kept_counts(self, layer: int, n_tokens: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         if self.hh_ratio is None:

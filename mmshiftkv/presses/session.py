@@ -414,8 +414,11 @@ class PressSession:
     def _finish_prefill(self, forward: _Forward) -> None:
         """End of a prefill forward: the press compresses the layers it deferred (whole-model
         allocators, :mod:`mmshiftkv.presses.deferred`); the model's full mask is released."""
+        chunked = forward.chunked
+        # The last chunk's forward finishes the chunked prompt: its layers were deferred with its state.
+        state = chunked.prompt_state() if chunked is not None and chunked.complete else forward.state
         try:
-            with self.press.scoring(forward.state):
+            with self.press.scoring(state):
                 self.press.finish_prefill(forward.cache)
         finally:
             forward.state.mask = None
@@ -524,9 +527,16 @@ class PressSession:
             self.chunked = None
             raise self._overrun(forward.chunked.length + length, expected.length)
         state = forward.state
+        batch = state.positions.shape[-2]
         try:
             forward.chunked.add_chunk(
-                length, state.positions, state.key_mask, state.visibility, forward.edges
+                length,
+                state.positions,
+                state.key_mask,
+                state.visibility,
+                forward.edges,
+                mask=state.mask,
+                media_mask=self.adapter.media_mask(forward.input_ids, batch, length),
             )
         except PressUsageError:
             self.chunked = None

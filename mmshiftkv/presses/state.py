@@ -47,6 +47,9 @@ class ScoringState:
     chunk_statistics : dict or None
         Per KV layer (``layer_idx``), what the press's ``accumulate_chunk`` gathered over the chunks of
         a chunked prefill; None for a prefill in one forward.
+    allocator_statistics : dict or None
+        Per KV layer, the whole-model allocator's sums over the chunks of a chunked prefill
+        (:func:`~mmshiftkv.presses.deferred.accumulate_layer_sums`); None otherwise.
     """
 
     adapter: ModelAdapter
@@ -57,6 +60,7 @@ class ScoringState:
     mask: torch.Tensor | None = None
     prompt_length: int | None = None
     chunk_statistics: dict[int, Any] | None = None
+    allocator_statistics: dict[int, Any] | None = None
 
     def accumulated(self, module: nn.Module) -> Any:
         """What ``accumulate_chunk`` gathered for ``module``'s layer over a chunked prefill, else None."""
