@@ -38,6 +38,7 @@ constexpr int64_t kPackGrain = 16;  // panels per packing task
 constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics' shift
 constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
 constexpr int64_t kMaxMomentChunks = 64;
+constexpr int64_t kProductGrainRows = 64;  // weight rows per task of weight_products
 
 // The kernels for ATen's CPU capability (at::get_cpu_capability() honours ATEN_CPU_CAPABILITY).
 const cpu::Kernels& cpu_kernels() {
@@ -310,6 +311,33 @@ std::tuple<at::Tensor, at::Tensor> prompt_moments_cpu(const at::Tensor& states, 
   return {mean, variance};
 }
 
+// (n_vectors, out) float32 products of an (out, in) weight with (n_vectors, in) vectors, each in a fixed
+// summation order (cpu::Kernels::weight_products): the same bits at every call, whatever the thread
+// count. One read of the weight for all vectors.
+at::Tensor weight_products_cpu(const at::Tensor& weight, const at::Tensor& vectors) {
+  TORCH_CHECK(weight.dim() == 2 && vectors.dim() == 2 && weight.size(1) == vectors.size(1),
+              "weight_products: weight (out, in) and vectors (n, in) must share in, got ", weight.sizes(), " and ",
+              vectors.sizes());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "weight_products: weight must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(vectors.is_floating_point(), "weight_products: vectors must be floating point, got ",
+              vectors.scalar_type());
+  const at::Tensor values = weight.contiguous();
+  const at::Tensor inputs = vectors.to(at::kFloat).contiguous();
+  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
+                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
+                                                       : cpu::StateType::kHalf;
+  const cpu::Kernels& kernels = cpu_kernels();
+  const int64_t rows = values.size(0);
+  at::Tensor out = at::empty({inputs.size(0), rows}, values.options().dtype(at::kFloat));
+  at::parallel_for(0, rows, kProductGrainRows, [&](int64_t begin, int64_t end) {
+    kernels.weight_products(type, values.data_ptr(), values.size(1), begin, end, inputs.data_ptr<float>(),
+                            inputs.size(0), rows, out.data_ptr<float>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
@@ -322,6 +350,7 @@ TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
   m.impl("shiftkv_scores", &shiftkv_scores_cpu);
   m.impl("shiftkv_logit_max", &shiftkv_logit_max_cpu);
   m.impl("prompt_moments", &prompt_moments_cpu);
+  m.impl("weight_products", &weight_products_cpu);
 }
 
 }  // namespace mmshiftkv
