@@ -39,6 +39,7 @@ constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics'
 constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
 constexpr int64_t kMaxMomentChunks = 64;
 constexpr int64_t kProductGrainRows = 64;  // weight rows per task of weight_products
+constexpr int64_t kRotateGrainRows = 256;  // rows per task of rotate_half
 
 // The kernels for ATen's CPU capability (at::get_cpu_capability() honours ATEN_CPU_CAPABILITY).
 const cpu::Kernels& cpu_kernels() {
@@ -338,6 +339,42 @@ at::Tensor weight_products_cpu(const at::Tensor& weight, const at::Tensor& vecto
   return out;
 }
 
+// Half-style RoPE of float32 states (batch, heads, n, head_dim) by cos/sin (batch or 1, 1, n, rotary_dim)
+// into a new contiguous float32 tensor, in one pass (cpu::Kernels::rotate_half_row per row).
+at::Tensor rotate_half_cpu(const at::Tensor& states, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(states.dim() == 4 && states.scalar_type() == at::kFloat && states.stride(3) == 1,
+              "rotate_half: states must be float32 (batch, heads, n, head_dim) with contiguous rows, got ",
+              states.scalar_type(), " ", states.sizes());
+  const int64_t batch = states.size(0), heads = states.size(1), n = states.size(2), dim = states.size(3);
+  for (const at::Tensor& table : {cos, sin}) {
+    TORCH_CHECK(table.dim() == 4 && table.scalar_type() == at::kFloat && (table.size(0) == batch || table.size(0) == 1) &&
+                    table.size(1) == 1 && table.size(2) == n && table.size(3) % 2 == 0 && table.size(3) <= dim,
+                "rotate_half: cos and sin must be float32 (batch or 1, 1, n, rotary_dim), rotary_dim even and at "
+                "most head_dim, got ",
+                table.scalar_type(), " ", table.sizes(), " for states ", states.sizes());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "rotate_half: cos and sin must have one shape, got ", cos.sizes(), " and ",
+              sin.sizes());
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t rotary = c.size(3);
+  const int64_t table_batch = c.size(0) == 1 ? 0 : n * rotary;
+  at::Tensor out = at::empty({batch, heads, n, dim}, states.options());
+  const float* x = states.data_ptr<float>();
+  const float* cos_data = c.data_ptr<float>();
+  const float* sin_data = s.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const cpu::Kernels& kernels = cpu_kernels();
+  at::parallel_for(0, batch * heads * n, kRotateGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (heads * n), h = row / n % heads, i = row % n;
+      const int64_t table = b * table_batch + i * rotary;
+      kernels.rotate_half_row(x + b * states.stride(0) + h * states.stride(1) + i * states.stride(2),
+                              cos_data + table, sin_data + table, rotary, dim, out_data + row * dim);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
@@ -351,6 +388,7 @@ TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
   m.impl("shiftkv_logit_max", &shiftkv_logit_max_cpu);
   m.impl("prompt_moments", &prompt_moments_cpu);
   m.impl("weight_products", &weight_products_cpu);
+  m.impl("rotate_half", &rotate_half_cpu);
 }
 
 }  // namespace mmshiftkv

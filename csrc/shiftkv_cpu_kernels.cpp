@@ -48,7 +48,12 @@ constexpr int kMicroVectors = 2;
 constexpr int kPanelKeys = kMicroVectors * kLanes;
 constexpr int kMassVectors = 8;  // column tile of the mass pass, in vectors
 constexpr int64_t kMaxProductVectors = 4;  // vectors per pass of weight_products over the weight
-constexpr int kProductRows = 2;             // weight rows read together by weight_products
+// Weight rows read together by weight_products (their accumulators: 2 x rows x vectors registers).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kProductRows = 4;
+#else
+constexpr int kProductRows = 2;
+#endif
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -574,8 +579,8 @@ void shifted_moments(StateType type, const void* states, int64_t cols, int64_t r
 // column blocks, the tail in the second, lanes added in order), so a product depends on its row and
 // vector only, not on how many are computed together. The accumulators stay in registers.
 template <int kRows, int kVectors, typename T>
-void weight_rows_times(const T* weight, int64_t cols, int64_t row, const float* vectors, int64_t out_stride,
-                       float* out) {
+void weight_rows_times(const T* weight, int64_t cols, int64_t row, int64_t last_row, const float* vectors,
+                       int64_t out_stride, float* out) {
   Vec acc[kRows][kVectors][2];
   for (int i = 0; i < kRows; ++i)
     for (int v = 0; v < kVectors; ++v) acc[i][v][0] = acc[i][v][1] = Vec(0.0f);
@@ -583,6 +588,8 @@ void weight_rows_times(const T* weight, int64_t cols, int64_t row, const float* 
   for (; c + 2 * kLanes <= cols; c += 2 * kLanes) {
     Vec low[kRows], high[kRows];
     for (int i = 0; i < kRows; ++i) {
+      // The next rows' same columns: more of the weight in flight than the hardware prefetcher keeps.
+      __builtin_prefetch(weight + std::min(row + kRows + i, last_row) * cols + c);
       low[i] = load_floats(weight + (row + i) * cols + c, kLanes);
       high[i] = load_floats(weight + (row + i) * cols + c + kLanes, kLanes);
     }
@@ -620,9 +627,11 @@ void weight_block_times(const T* weight, int64_t cols, int64_t row_begin, int64_
                         int64_t out_stride, float* out) {
   int64_t row = row_begin;
   for (; row + kProductRows <= row_end; row += kProductRows) {
-    weight_rows_times<kProductRows, kVectors>(weight, cols, row, vectors, out_stride, out);
+    weight_rows_times<kProductRows, kVectors>(weight, cols, row, row_end - 1, vectors, out_stride, out);
   }
-  for (; row < row_end; ++row) weight_rows_times<1, kVectors>(weight, cols, row, vectors, out_stride, out);
+  for (; row < row_end; ++row) {
+    weight_rows_times<1, kVectors>(weight, cols, row, row_end - 1, vectors, out_stride, out);
+  }
 }
 
 // weight_block_times over every vector, up to kMaxProductVectors per pass over the rows.
@@ -663,6 +672,22 @@ void weight_products(StateType type, const void* weight, int64_t cols, int64_t r
   }
 }
 
+// out = (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2) over the first rotary_dim features of a float32 row
+// (x = (x1, x2) in halves, cos/sin rotary_dim long), the rest copied: two products and one sum each,
+// as torch computes rotate-half RoPE.
+void rotate_half_row(const float* x, const float* cos, const float* sin, int64_t rotary_dim, int64_t head_dim,
+                     float* out) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t c = 0; c < half; c += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, half - c));
+    const Vec x1 = Vec::loadu(x + c, n);
+    const Vec x2 = Vec::loadu(x + half + c, n);
+    (x1 * Vec::loadu(cos + c, n) - x2 * Vec::loadu(sin + c, n)).store(out + c, n);
+    (x2 * Vec::loadu(cos + half + c, n) + x1 * Vec::loadu(sin + half + c, n)).store(out + half + c, n);
+  }
+  std::copy(x + rotary_dim, x + head_dim, out + rotary_dim);
+}
+
 }  // namespace
 
 #define MMSHIFTKV_ISA_NAME_DEFAULT "default"
@@ -687,6 +712,7 @@ const Kernels& MMSHIFTKV_PASTE(kernels_, CPU_CAPABILITY)() {
       &vote_masses,
       &shifted_moments,
       &weight_products,
+      &rotate_half_row,
   };
   return kernels;
 }

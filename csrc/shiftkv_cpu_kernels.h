@@ -87,6 +87,12 @@ struct Kernels {
   // rows asked for or memory alignment), so it is the same bits at every call.
   void (*weight_products)(StateType type, const void* weight, int64_t cols, int64_t row_begin, int64_t row_end,
                           const float* vectors, int64_t n_vectors, int64_t out_stride, float* out);
+
+  // One float32 row of head_dim features rotated half-style over its first rotary_dim (even):
+  // out = (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2) for x = (x1, x2) and cos/sin (rotary_dim) in halves,
+  // each as two products and one sum; features past rotary_dim copied.
+  void (*rotate_half_row)(const float* x, const float* cos, const float* sin, int64_t rotary_dim,
+                          int64_t head_dim, float* out);
 };
 
 const Kernels& kernels_DEFAULT();

@@ -77,3 +77,39 @@ def test_bad_inputs_name_the_problem() -> None:
         weight_products(weight.double(), torch.ones(2, 6))
     with pytest.raises(TypeError, match="vectors must be floating point"):
         weight_products(weight, torch.ones(2, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("rotary_dim", "table_batch"), [(128, 2), (64, 1), (2, 2)])
+def test_compiled_rotation_matches_a_float64_rotation(rotary_dim: int, table_batch: int) -> None:
+    if not available()["cpu"]:
+        pytest.skip("the compiled extension is not built")
+    generator = torch.Generator().manual_seed(3)
+    # Strided states, as query_heads gives them: (batch, n, heads, head_dim) transposed.
+    states = torch.randn(2, 37, 5, 128, generator=generator).transpose(1, 2)
+    angles = torch.rand(table_batch, 1, 37, rotary_dim // 2, generator=generator) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rotated = projection.rotate_half_compiled(states, cos, sin)
+    assert rotated is not None and rotated.shape == states.shape and rotated.is_contiguous()
+    half = rotary_dim // 2
+    x1, x2 = states[..., :half].double(), states[..., half:rotary_dim].double()
+    c, s = cos.double(), sin.double()
+    expected = torch.cat(
+        [x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]], -1
+    )
+    # Two float32 products and one sum: within 3 roundings of the larger product.
+    first = (x1 * c[..., :half]).abs() + (x2 * s[..., :half]).abs()
+    second = (x2 * c[..., half:]).abs() + (x1 * s[..., half:]).abs()
+    bound = 3 * 2.0**-24 * torch.cat([first, second], -1)
+    assert ((rotated[..., :rotary_dim].double() - expected).abs() <= bound).all()
+    assert torch.equal(rotated[..., rotary_dim:], states[..., rotary_dim:])
+
+
+def test_compiled_rotation_leaves_other_inputs_to_torch() -> None:
+    states, table = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    assert projection.rotate_half_compiled(states.half(), table.half(), table.half()) is None
+    assert projection.rotate_half_compiled(states, table[..., :3], table[..., :3]) is None  # odd rotary_dim
+    assert projection.rotate_half_compiled(states, table[:, :, :2], table[:, :, :2]) is None  # other n
+    assert (
+        projection.rotate_half_compiled(states.transpose(-1, -2).contiguous().transpose(-1, -2), table, table)
+        is None
+    )

@@ -76,7 +76,14 @@ def cached_extension() -> Path | None:
 
 
 #: The operators ``csrc/`` defines: an extension that lacks one was built from older sources.
-OPERATORS = ("shiftkv_scores", "shiftkv_logit_max", "prompt_moments", "shiftkv_cpu_kernel", "weight_products")
+OPERATORS = (
+    "shiftkv_scores",
+    "shiftkv_logit_max",
+    "prompt_moments",
+    "shiftkv_cpu_kernel",
+    "weight_products",
+    "rotate_half",
+)
 
 
 def missing_operators(namespace: object) -> list[str]:
