@@ -38,6 +38,8 @@ constexpr int64_t kPackGrain = 16;  // panels per packing task
 constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics' shift
 constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
 constexpr int64_t kMaxMomentChunks = 64;
+constexpr int64_t kProductGrainRows = 64;  // weight rows per task of weight_products
+constexpr int64_t kRotateGrainRows = 256;  // rows per task of rotate_half
 
 // The kernels for ATen's CPU capability (at::get_cpu_capability() honours ATEN_CPU_CAPABILITY).
 const cpu::Kernels& cpu_kernels() {
@@ -310,6 +312,69 @@ std::tuple<at::Tensor, at::Tensor> prompt_moments_cpu(const at::Tensor& states, 
   return {mean, variance};
 }
 
+// (n_vectors, out) float32 products of an (out, in) weight with (n_vectors, in) vectors, each in a fixed
+// summation order (cpu::Kernels::weight_products): the same bits at every call, whatever the thread
+// count. One read of the weight for all vectors.
+at::Tensor weight_products_cpu(const at::Tensor& weight, const at::Tensor& vectors) {
+  TORCH_CHECK(weight.dim() == 2 && vectors.dim() == 2 && weight.size(1) == vectors.size(1),
+              "weight_products: weight (out, in) and vectors (n, in) must share in, got ", weight.sizes(), " and ",
+              vectors.sizes());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "weight_products: weight must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(vectors.is_floating_point(), "weight_products: vectors must be floating point, got ",
+              vectors.scalar_type());
+  const at::Tensor values = weight.contiguous();
+  const at::Tensor inputs = vectors.to(at::kFloat).contiguous();
+  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
+                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
+                                                       : cpu::StateType::kHalf;
+  const cpu::Kernels& kernels = cpu_kernels();
+  const int64_t rows = values.size(0);
+  at::Tensor out = at::empty({inputs.size(0), rows}, values.options().dtype(at::kFloat));
+  at::parallel_for(0, rows, kProductGrainRows, [&](int64_t begin, int64_t end) {
+    kernels.weight_products(type, values.data_ptr(), values.size(1), begin, end, inputs.data_ptr<float>(),
+                            inputs.size(0), rows, out.data_ptr<float>());
+  });
+  return out;
+}
+
+// Half-style RoPE of float32 states (batch, heads, n, head_dim) by cos/sin (batch or 1, 1, n, rotary_dim)
+// into a new contiguous float32 tensor, in one pass (cpu::Kernels::rotate_half_row per row).
+at::Tensor rotate_half_cpu(const at::Tensor& states, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(states.dim() == 4 && states.scalar_type() == at::kFloat && states.stride(3) == 1,
+              "rotate_half: states must be float32 (batch, heads, n, head_dim) with contiguous rows, got ",
+              states.scalar_type(), " ", states.sizes());
+  const int64_t batch = states.size(0), heads = states.size(1), n = states.size(2), dim = states.size(3);
+  for (const at::Tensor& table : {cos, sin}) {
+    TORCH_CHECK(table.dim() == 4 && table.scalar_type() == at::kFloat && (table.size(0) == batch || table.size(0) == 1) &&
+                    table.size(1) == 1 && table.size(2) == n && table.size(3) % 2 == 0 && table.size(3) <= dim,
+                "rotate_half: cos and sin must be float32 (batch or 1, 1, n, rotary_dim), rotary_dim even and at "
+                "most head_dim, got ",
+                table.scalar_type(), " ", table.sizes(), " for states ", states.sizes());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "rotate_half: cos and sin must have one shape, got ", cos.sizes(), " and ",
+              sin.sizes());
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t rotary = c.size(3);
+  const int64_t table_batch = c.size(0) == 1 ? 0 : n * rotary;
+  at::Tensor out = at::empty({batch, heads, n, dim}, states.options());
+  const float* x = states.data_ptr<float>();
+  const float* cos_data = c.data_ptr<float>();
+  const float* sin_data = s.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const cpu::Kernels& kernels = cpu_kernels();
+  at::parallel_for(0, batch * heads * n, kRotateGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (heads * n), h = row / n % heads, i = row % n;
+      const int64_t table = b * table_batch + i * rotary;
+      kernels.rotate_half_row(x + b * states.stride(0) + h * states.stride(1) + i * states.stride(2),
+                              cos_data + table, sin_data + table, rotary, dim, out_data + row * dim);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
@@ -322,6 +387,8 @@ TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
   m.impl("shiftkv_scores", &shiftkv_scores_cpu);
   m.impl("shiftkv_logit_max", &shiftkv_logit_max_cpu);
   m.impl("prompt_moments", &prompt_moments_cpu);
+  m.impl("weight_products", &weight_products_cpu);
+  m.impl("rotate_half", &rotate_half_cpu);
 }
 
 }  // namespace mmshiftkv

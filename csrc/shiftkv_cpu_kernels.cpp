@@ -47,6 +47,13 @@ constexpr int kMicroVectors = 2;
 #endif
 constexpr int kPanelKeys = kMicroVectors * kLanes;
 constexpr int kMassVectors = 8;  // column tile of the mass pass, in vectors
+constexpr int64_t kMaxProductVectors = 4;  // vectors per pass of weight_products over the weight
+// Weight rows read together by weight_products (their accumulators: 2 x rows x vectors registers).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kProductRows = 4;
+#else
+constexpr int kProductRows = 2;
+#endif
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
@@ -567,6 +574,120 @@ void shifted_moments(StateType type, const void* states, int64_t cols, int64_t r
   }
 }
 
+// out[v * out_stride + o] = sum_c weight[o][c] * vectors[v][c] for the kRows rows o from row and
+// kVectors vectors: float32 FMAs in one fixed order per (row, vector) (two vector accumulators over
+// column blocks, the tail in the second, lanes added in order), so a product depends on its row and
+// vector only, not on how many are computed together. The accumulators stay in registers.
+template <int kRows, int kVectors, typename T>
+void weight_rows_times(const T* weight, int64_t cols, int64_t row, int64_t last_row, const float* vectors,
+                       int64_t out_stride, float* out) {
+  Vec acc[kRows][kVectors][2];
+  for (int i = 0; i < kRows; ++i)
+    for (int v = 0; v < kVectors; ++v) acc[i][v][0] = acc[i][v][1] = Vec(0.0f);
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= cols; c += 2 * kLanes) {
+    Vec low[kRows], high[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      // The next rows' same columns: more of the weight in flight than the hardware prefetcher keeps.
+      __builtin_prefetch(weight + std::min(row + kRows + i, last_row) * cols + c);
+      low[i] = load_floats(weight + (row + i) * cols + c, kLanes);
+      high[i] = load_floats(weight + (row + i) * cols + c + kLanes, kLanes);
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      const Vec x_low = Vec::loadu(vectors + v * cols + c);
+      const Vec x_high = Vec::loadu(vectors + v * cols + c + kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        acc[i][v][0] = at::vec::fmadd(low[i], x_low, acc[i][v][0]);
+        acc[i][v][1] = at::vec::fmadd(high[i], x_high, acc[i][v][1]);
+      }
+    }
+  }
+  for (; c < cols; c += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, cols - c));
+    for (int v = 0; v < kVectors; ++v) {
+      const Vec x = Vec::loadu(vectors + v * cols + c, n);
+      for (int i = 0; i < kRows; ++i) {
+        acc[i][v][1] = at::vec::fmadd(load_floats(weight + (row + i) * cols + c, n), x, acc[i][v][1]);
+      }
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    for (int v = 0; v < kVectors; ++v) {
+      alignas(64) float lanes[kLanes];
+      (acc[i][v][0] + acc[i][v][1]).store(lanes);
+      float sum = 0.0f;
+      for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+      out[v * out_stride + row + i] = sum;
+    }
+  }
+}
+
+template <int kVectors, typename T>
+void weight_block_times(const T* weight, int64_t cols, int64_t row_begin, int64_t row_end, const float* vectors,
+                        int64_t out_stride, float* out) {
+  int64_t row = row_begin;
+  for (; row + kProductRows <= row_end; row += kProductRows) {
+    weight_rows_times<kProductRows, kVectors>(weight, cols, row, row_end - 1, vectors, out_stride, out);
+  }
+  for (; row < row_end; ++row) {
+    weight_rows_times<1, kVectors>(weight, cols, row, row_end - 1, vectors, out_stride, out);
+  }
+}
+
+// weight_block_times over every vector, up to kMaxProductVectors per pass over the rows.
+template <typename T>
+void weight_products_of(const T* weight, int64_t cols, int64_t row_begin, int64_t row_end, const float* vectors,
+                        int64_t n_vectors, int64_t out_stride, float* out) {
+  for (int64_t first = 0; first < n_vectors; first += kMaxProductVectors) {
+    const float* chunk = vectors + first * cols;
+    float* chunk_out = out + first * out_stride;
+    switch (std::min<int64_t>(kMaxProductVectors, n_vectors - first)) {
+      case 1:
+        weight_block_times<1>(weight, cols, row_begin, row_end, chunk, out_stride, chunk_out);
+        break;
+      case 2:
+        weight_block_times<2>(weight, cols, row_begin, row_end, chunk, out_stride, chunk_out);
+        break;
+      case 3:
+        weight_block_times<3>(weight, cols, row_begin, row_end, chunk, out_stride, chunk_out);
+        break;
+      default:
+        weight_block_times<4>(weight, cols, row_begin, row_end, chunk, out_stride, chunk_out);
+    }
+  }
+}
+
+void weight_products(StateType type, const void* weight, int64_t cols, int64_t row_begin, int64_t row_end,
+                     const float* vectors, int64_t n_vectors, int64_t out_stride, float* out) {
+  switch (type) {
+    case StateType::kBFloat16:
+      return weight_products_of(static_cast<const c10::BFloat16*>(weight), cols, row_begin, row_end, vectors,
+                                n_vectors, out_stride, out);
+    case StateType::kHalf:
+      return weight_products_of(static_cast<const c10::Half*>(weight), cols, row_begin, row_end, vectors,
+                                n_vectors, out_stride, out);
+    case StateType::kFloat:
+      return weight_products_of(static_cast<const float*>(weight), cols, row_begin, row_end, vectors, n_vectors,
+                                out_stride, out);
+  }
+}
+
+// out = (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2) over the first rotary_dim features of a float32 row
+// (x = (x1, x2) in halves, cos/sin rotary_dim long), the rest copied: two products and one sum each,
+// as torch computes rotate-half RoPE.
+void rotate_half_row(const float* x, const float* cos, const float* sin, int64_t rotary_dim, int64_t head_dim,
+                     float* out) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t c = 0; c < half; c += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, half - c));
+    const Vec x1 = Vec::loadu(x + c, n);
+    const Vec x2 = Vec::loadu(x + half + c, n);
+    (x1 * Vec::loadu(cos + c, n) - x2 * Vec::loadu(sin + c, n)).store(out + c, n);
+    (x2 * Vec::loadu(cos + half + c, n) + x1 * Vec::loadu(sin + half + c, n)).store(out + half + c, n);
+  }
+  std::copy(x + rotary_dim, x + head_dim, out + rotary_dim);
+}
+
 }  // namespace
 
 #define MMSHIFTKV_ISA_NAME_DEFAULT "default"
@@ -590,6 +711,8 @@ const Kernels& MMSHIFTKV_PASTE(kernels_, CPU_CAPABILITY)() {
       &sum_masses_below,
       &vote_masses,
       &shifted_moments,
+      &weight_products,
+      &rotate_half_row,
   };
   return kernels;
 }

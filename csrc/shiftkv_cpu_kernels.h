@@ -22,7 +22,7 @@ enum class LogitType : int32_t {
   kBFloat16 = 1,  // bfloat16 rows and keys, bfloat16 GEMM with float32 accumulation
 };
 
-// Element types of the prompt states whose moments the kernels sum.
+// Element types of the prompt states whose moments the kernels sum, and of weights (weight_products).
 enum class StateType : int32_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 struct HeadLogits {
@@ -80,6 +80,19 @@ struct Kernels {
   // every element into sums[0], squares[0] with shift[0]. d is exact (computed in float64).
   void (*shifted_moments)(StateType type, const void* states, int64_t cols, int64_t row_begin, int64_t row_end,
                           const double* shift, bool per_column, double* sums, double* squares);
+
+  // out[v * out_stride + o] = sum_c weight[o][c] * vectors[v][c] in float32, for rows o in [row_begin,
+  // row_end) of a row-major (rows, cols) weight and n_vectors float32 vectors of cols elements. Each
+  // product is summed in one fixed order that depends on cols only (not on the other vectors, the
+  // rows asked for or memory alignment), so it is the same bits at every call.
+  void (*weight_products)(StateType type, const void* weight, int64_t cols, int64_t row_begin, int64_t row_end,
+                          const float* vectors, int64_t n_vectors, int64_t out_stride, float* out);
+
+  // One float32 row of head_dim features rotated half-style over its first rotary_dim (even):
+  // out = (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2) for x = (x1, x2) and cos/sin (rotary_dim) in halves,
+  // each as two products and one sum; features past rotary_dim copied.
+  void (*rotate_half_row)(const float* x, const float* cos, const float* sin, int64_t rotary_dim,
+                          int64_t head_dim, float* out);
 };
 
 const Kernels& kernels_DEFAULT();

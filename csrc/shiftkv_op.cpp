@@ -1,7 +1,9 @@
 // Schema of mmshiftkv::shiftkv_scores and the Python module mmshiftkv._C whose import registers it.
 // The CPU and CUDA kernels register themselves in shiftkv_cpu.cpp and shiftkv_cuda.cu.
 // shiftkv_logit_max (CPU only) runs the CPU op's logits GEMM alone, reduced to each row's maximum;
-// prompt_moments (CPU only) is ShiftKV's prompt statistics (mean and variance) in one pass.
+// prompt_moments (CPU only) is ShiftKV's prompt statistics (mean and variance) in one pass;
+// weight_products (CPU only) multiplies a weight by a few vectors in one read of it, in a fixed order;
+// rotate_half (CPU only) is float32 half-style RoPE in one pass.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,6 +14,8 @@ TORCH_LIBRARY(mmshiftkv, m) {
       "bool exclude_last_key) -> Tensor");
   m.def("shiftkv_logit_max(Tensor queries, Tensor keys, float scaling) -> Tensor");
   m.def("prompt_moments(Tensor states, bool per_feature) -> (Tensor, Tensor)");
+  m.def("weight_products(Tensor weight, Tensor vectors) -> Tensor");
+  m.def("rotate_half(Tensor states, Tensor cos, Tensor sin) -> Tensor");
 }
 
 #if defined(MMSHIFTKV_WITH_CUDA)

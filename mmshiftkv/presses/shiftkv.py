@@ -22,13 +22,15 @@ DEFAULT_BUDGET = 64
 
 
 def weight_fingerprint(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    """``W probe``, ``(out,)`` in the weight's dtype, of an ``(out, in)`` weight and a fixed random probe.
+    """``W probe``, ``(out,)`` float32, of an ``(out, in)`` weight and a fixed random probe.
 
-    One matrix-vector product over the weight, no copy of it (a float32 reduction of a bfloat16
-    weight would first widen all of it, ten times the cost on a CPU). A change of the weight goes
-    unseen only if it keeps every row's product with the probe to the weight's precision.
+    One pass over the weight, no copy of it (a float32 reduction of a bfloat16 weight would first
+    widen all of it, ten times the cost on a CPU), summed in a fixed order
+    (:func:`mmshiftkv.ops.weight_products`): an unchanged weight gives the same bits at every call.
+    A change of the weight goes unseen only if it keeps every row's product with the probe to
+    float32 rounding. :meth:`ShiftKVPress.score` takes it in the same pass as the last prompt query.
     """
-    return torch.mv(weight, probe)
+    return ops.weight_products(weight, probe[None])[0]
 
 
 def _seeded(device: torch.device, seed: int) -> torch.Generator:
@@ -42,12 +44,12 @@ class _ProjectedNoise:
     """One layer's ``(W 1, W z)``, with what they were computed from (see ``ShiftKVPress.proxy_queries``)."""
 
     tag: tuple
-    #: ``(hidden,)`` random direction in the weight's dtype, and ``W probe`` of the weight used.
+    #: ``(hidden,)`` random direction in the weight's dtype, and ``W probe`` (float32) of the weight used.
     probe: torch.Tensor
-    weighted: torch.Tensor
-    #: ``W 1`` accumulated in float32, and ``W z``.
-    row_sums: torch.Tensor
-    projected: torch.Tensor
+    weighted: torch.Tensor | None
+    #: ``W 1`` accumulated in float32, and ``W z`` in the weight's dtype (None until first projected).
+    row_sums: torch.Tensor | None
+    projected: torch.Tensor | None
 
 
 @dataclass(kw_only=True)
@@ -264,11 +266,13 @@ class ShiftKVPress(BudgetedPress):
         direct projection up to rounding (the direct one rounds each proxy to the model dtype
         before the GEMM). A changed ``q_proj`` weight (in place, through ``.data`` as PEFT merges
         write, or a new tensor) is noticed at the next prefill by its fingerprint
-        (:func:`weight_fingerprint`: its product with a fixed random vector, one matrix-vector
-        product: 3.4 ms in float32 and 2.6 ms in bfloat16 for Qwen2.5-VL-7B's q_proj on one CPU
-        thread, under 0.1% of that layer's 1024-token prefill, ``benchmarks/bench_fingerprint.py``).
-        Unseen is only a change that keeps every row's product with the vector to the weight's
-        precision (then the proxies move by rounding, as a fresh projection's would) or a
+        (:func:`weight_fingerprint`: its float32 product with a fixed random vector, summed in a
+        fixed order, ``benchmarks/bench_fingerprint.py``). :meth:`score` takes it in the same pass
+        over the weight as the last prompt query's projection, which it needs anyway: both cost
+        about 3.8 ms in float32 and 2.2 ms in bfloat16 for Qwen2.5-VL-7B's q_proj on one CPU
+        thread (AVX-512), against 3.5 + 3.9 ms and 3.1 + 3.9 ms as two ATen products.
+        Unseen is only a change that keeps every row's product with the vector to float32
+        rounding (then the proxies move by rounding, as a fresh projection's would) or a
         rearrangement within a row that keeps it.
 
         Returns
@@ -276,36 +280,67 @@ class ShiftKVPress(BudgetedPress):
         torch.Tensor
             ``(batch, heads, n_proxies, head_dim)``.
         """
-        projection = adapter.query_projection(module) if self.statistics == "global" else None
         if moments is None:
             moments = self.prompt_moments(hidden_states, key_mask)
+        return self._proxy_queries(adapter, module, hidden_states, moments).to(hidden_states.dtype)
+
+    def _affine_projection(self, adapter, module: nn.Module) -> nn.Linear | None:
+        """The layer's ``q_proj`` where the proxies are projected through ``(W 1, W z)``, else None."""
+        return adapter.query_projection(module) if self.statistics == "global" else None
+
+    def _proxy_queries(
+        self, adapter, module: nn.Module, hidden_states: torch.Tensor, moments: Moments, noise=None
+    ) -> torch.Tensor:
+        """:meth:`proxy_queries`, float32 where projected through ``(W 1, W z)`` (model dtype otherwise).
+
+        ``noise``: the layer's :class:`_ProjectedNoise` when :meth:`_projected_noise` already checked it.
+        """
+        projection = self._affine_projection(adapter, module)
         if projection is None:
             proxy_states = self.proxy_hidden_states(hidden_states, module.layer_idx, moments=moments)
             return adapter.query_states(module, proxy_states)
+        if noise is None:
+            noise, _ = self._projected_noise(projection, module.layer_idx)
         mean, std = moments.mean_and_std()  # (batch, 1) each
-        row_sums, projected_noise = self._projected_noise(projection, module.layer_idx)
-        offset = mean[:, :, None] * row_sums  # (batch, 1, q_out): the proxies' common part
+        offset = mean[:, :, None] * noise.row_sums  # (batch, 1, q_out): the proxies' common part
         if projection.bias is not None:
             offset = offset + projection.bias.float()
-        projected = torch.addcmul(offset, (self.gamma * std)[:, :, None], projected_noise)  # float32
-        return adapter.query_heads(module, projected.to(hidden_states.dtype))
+        projected = torch.addcmul(offset, (self.gamma * std)[:, :, None], noise.projected)  # float32
+        return adapter.query_heads(module, projected)
 
-    def _projected_noise(self, projection: nn.Linear, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W 1, W z)`` of a layer's query projection: ``(q_out,)`` float32, ``(n_proxies, q_out)``."""
+    def _projected_noise(
+        self, projection: nn.Linear, layer_idx: int, inputs: torch.Tensor | None = None
+    ) -> tuple[_ProjectedNoise, torch.Tensor | None]:
+        """The layer's ``(W 1, W z)``, checked by the weight's fingerprint, and ``inputs @ W.T``.
+
+        ``inputs``: ``(n, hidden)`` vectors multiplied by the weight in the fingerprint's pass over
+        it (:func:`mmshiftkv.ops.weight_products`), their products returned ``(n, q_out)`` float32
+        (None without inputs).
+        """
         weight = projection.weight
         tag = (weight.device, weight.dtype, tuple(weight.shape), layer_idx, self.seed, self.n_proxies)
         cached = self._noise_projections.get(projection)
         with torch.no_grad():
-            unchanged = cached is not None and cached.tag == tag
-            if unchanged and torch.equal(weight_fingerprint(weight, cached.probe), cached.weighted):
-                return cached.row_sums, cached.projected
-            device, hidden = weight.device, weight.shape[1]
-            noise = self.standard_noise(layer_idx, hidden, device).to(weight.dtype)
-            probe = torch.randn(hidden, generator=_seeded(device, layer_idx), device=device).to(weight.dtype)
-            fingerprint, row_sums = weight_fingerprint(weight, probe), weight.sum(1, dtype=torch.float32)
-            cached = _ProjectedNoise(tag, probe, fingerprint, row_sums, nn.functional.linear(noise, weight))
-        self._noise_projections[projection] = cached
-        return cached.row_sums, cached.projected
+            if cached is None or cached.tag != tag:
+                probe = torch.randn(
+                    weight.shape[1], generator=_seeded(weight.device, layer_idx), device=weight.device
+                )
+                cached = _ProjectedNoise(tag, probe.to(weight.dtype), None, None, None)
+            vectors = (
+                cached.probe[None]
+                if inputs is None
+                else torch.cat([cached.probe[None], inputs.to(weight.dtype)])
+            )
+            products = ops.weight_products(weight, vectors)
+            fingerprint = products[0]
+            if cached.weighted is None or not torch.equal(fingerprint, cached.weighted):
+                noise = self.standard_noise(layer_idx, weight.shape[1], weight.device).to(weight.dtype)
+                projected = nn.functional.linear(noise, weight)
+                cached = _ProjectedNoise(
+                    tag, cached.probe, fingerprint, weight.sum(1, dtype=torch.float32), projected
+                )
+                self._noise_projections[projection] = cached
+        return cached, None if inputs is None else products[1:]
 
     def standard_noise(self, layer_idx: int, hidden: int, device: torch.device) -> torch.Tensor:
         """The layer's fixed standard-normal draws ``z``, ``(n_proxies, hidden)`` float32.
@@ -394,15 +429,25 @@ class ShiftKVPress(BudgetedPress):
         if not self.sampling:
             return last_query_attention(state, module, hidden_states, keys)
 
-        last_query = adapter.apply_rope(
-            adapter.query_states(module, hidden_states[:, -1:]), state.positions[..., -1:], module
-        )[:, :, 0]
         moments = self._layer_moments(module, hidden_states)
-        proxies = self.proxy_queries(adapter, module, hidden_states, moments=moments)
+        projection = self._affine_projection(adapter, module)
+        if projection is None:
+            last_query = adapter.query_states(module, hidden_states[:, -1:])
+            noise = None
+        else:
+            # One pass over q_proj's weight: its fingerprint (is the kept W z current?) and the last query.
+            noise, last_projected = self._projected_noise(projection, module.layer_idx, hidden_states[:, -1])
+            if projection.bias is not None:
+                last_projected = last_projected + projection.bias.float()
+            last_query = adapter.query_heads(module, last_projected[:, None].to(hidden_states.dtype))
+        last_query = adapter.apply_rope(last_query, state.positions[..., -1:], module)[:, :, 0]
+        # float32 proxies through (W 1, W z) are rotated in float32 and rounded to the model dtype once.
+        proxies = self._proxy_queries(adapter, module, hidden_states, moments, noise)
         offsets = self.position_start + self.position_stride * (
             torch.arange(self.n_proxies, device=keys.device) % self.group_size
         )
-        proxies = adapter.apply_rope(proxies, adapter.future_positions(state.positions, offsets), module)
+        positions = adapter.future_positions(state.positions, offsets)
+        proxies = adapter.apply_rope(proxies, positions, module).to(hidden_states.dtype)
         options = dict(
             n_groups=self.n_groups,
             scaling=module.scaling,
