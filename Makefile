@@ -6,7 +6,9 @@ PIP := $(PY) -m pip
 # second venv that reuses $(VENV)'s packages (torch, the built op) and overrides transformers, tokenizers
 # and kvpress: the suite runs on both ends of the supported range.
 OLDEST ?= .venv-oldest
-OLDEST_PINS ?= transformers==5.2.0 kvpress==0.5.5 "setuptools>=77"
+# transformers 5.2.0's own range for the `kernels` package (its `kernels` extra): newer transformers require
+# kernels >= 0.19, which the overlay would otherwise see and which 5.2.0's hub-kernel table cannot construct.
+OLDEST_PINS ?= transformers==5.2.0 kvpress==0.5.5 "kernels>=0.10.2,<0.11" "setuptools>=77"
 # CI (CI=true) must compile the CUDA half of the op: a .cu compile error fails the run.
 FORCE_CUDA ?= $(if $(CI),1,)
 export FORCE_CUDA
