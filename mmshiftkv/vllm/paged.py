@@ -32,17 +32,19 @@ class BlockMap:
         Flat distance from a block to the next.
     local : torch.Tensor
         ``(block_size, kv_heads, head_dim)`` int64: each element's flat index minus ``base``, in block 0.
+    span : int
+        Flat elements from a block's first to its last of these, ``local.max() + 1``.
     """
 
     base: int
     stride: int
     local: torch.Tensor
+    span: int
 
     def read(self, flat: torch.Tensor, block_ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """The first ``n_tokens`` slots of the blocks ``block_ids``, ``(n_tokens, kv_heads, head_dim)``."""
-        span = int(self.local.max()) + 1
-        count = (flat.numel() - self.base - span) // self.stride + 1
-        blocks = flat.as_strided((count, span), (self.stride, 1), flat.storage_offset() + self.base)
+        count = (flat.numel() - self.base - self.span) // self.stride + 1
+        blocks = flat.as_strided((count, self.span), (self.stride, 1), flat.storage_offset() + self.base)
         rows = blocks[block_ids[:, None, None, None], self.local[None]]  # (blocks, block_size, heads, dim)
         return rows.flatten(0, 1)[:n_tokens]
 
@@ -167,7 +169,8 @@ def _block_map(first: torch.Tensor | None, second: torch.Tensor | None, backend:
             f"mmshiftkv.vllm cannot read {backend}'s KV cache: its blocks are not equally strided"
         )
     base = int(first.min())
-    return BlockMap(base=base, stride=int(steps), local=first - base)
+    local = first - base
+    return BlockMap(base=base, stride=int(steps), local=local, span=int(local.max()) + 1)
 
 
 def _check_round_trip(

@@ -85,6 +85,9 @@ class PromptStep:
         missing: the request then fails).
     block_ids : torch.Tensor or None
         Under chunked prefill, at the last chunk: the request's blocks ``(blocks,)`` in order.
+    slots : torch.Tensor or None
+        With ``block_ids``: the cache slots of physical positions ``0 .. physical_len - 1``
+        ``(physical_len,)``, which the compaction rewrites in every layer.
     """
 
     req_id: str
@@ -96,6 +99,7 @@ class PromptStep:
     computed: int = 0
     chunked: ChunkedPrefill | None = None
     block_ids: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
     @property
     def final(self) -> bool:
@@ -352,8 +356,11 @@ class Compactor:
                 step.chunked = None
             if step.final:
                 table = batch.block_table.block_tables[0]
-                blocks = table.block_table.np[row, : table.num_blocks_per_row[row]]
-                step.block_ids = torch.from_numpy(blocks.astype(np.int64)).to(runner.seq_lens.device)
+                blocks = table.block_table.np[row, : table.num_blocks_per_row[row]].astype(np.int64)
+                physical = np.arange(step.physical_len)
+                slots = blocks[physical // self.block_size] * self.block_size + physical % self.block_size
+                step.block_ids = torch.from_numpy(blocks).to(runner.seq_lens.device)
+                step.slots = torch.from_numpy(slots).to(runner.seq_lens.device)
         row_shift = np.zeros(num_reqs, dtype=np.int32)
         for req_id, shift in self.shifts.items():
             row = batch.req_id_to_index.get(req_id)
@@ -448,10 +455,7 @@ class Compactor:
             else:  # earlier chunks' keys and values are in the paged cache, this step's too by now
                 logical = step.computed + step.n_scheduled
                 held_keys, held_values = self.layout.read(kv_cache, step.block_ids, logical)
-                physical = torch.arange(step.physical_len, device=keys.device)
-                slots.append(
-                    step.block_ids[physical // self.block_size] * self.block_size + physical % self.block_size
-                )
+                slots.append(step.slots)
             scores = self._scores(view, captured, held_keys, held_values, step, index)
             nan.append(torch.isnan(scores).any())
             kept = select_kept_indices(scores, step.kept)[0][0]
