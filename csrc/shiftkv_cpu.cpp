@@ -259,6 +259,13 @@ at::Tensor shiftkv_logit_max_cpu(const at::Tensor& queries, const at::Tensor& ke
   return maxima;
 }
 
+// The kernels' element type of a float32, bfloat16 or float16 tensor.
+cpu::StateType state_type(at::ScalarType dtype) {
+  return dtype == at::kFloat ? cpu::StateType::kFloat
+         : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
+                                  : cpu::StateType::kHalf;
+}
+
 // Mean and unbiased variance (float32) of (tokens, hidden) states: over every element, (1,) each, or
 // per column, (hidden,) each. One pass summing float64 deviations from the first rows' mean, in
 // fixed row chunks combined in order (the result does not depend on the thread count).
@@ -269,9 +276,7 @@ std::tuple<at::Tensor, at::Tensor> prompt_moments_cpu(const at::Tensor& states, 
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "prompt_moments: states must be float16, bfloat16 or float32, got ", dtype);
   const at::Tensor values = states.contiguous();
-  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
-                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
-                                                       : cpu::StateType::kHalf;
+  const cpu::StateType type = state_type(dtype);
   const cpu::Kernels& kernels = cpu_kernels();
   const int64_t rows = values.size(0);
   const int64_t cols = values.size(1);
@@ -326,9 +331,7 @@ at::Tensor weight_products_cpu(const at::Tensor& weight, const at::Tensor& vecto
               vectors.scalar_type());
   const at::Tensor values = weight.contiguous();
   const at::Tensor inputs = vectors.to(at::kFloat).contiguous();
-  const cpu::StateType type = dtype == at::kFloat ? cpu::StateType::kFloat
-                              : dtype == at::kBFloat16 ? cpu::StateType::kBFloat16
-                                                       : cpu::StateType::kHalf;
+  const cpu::StateType type = state_type(dtype);
   const cpu::Kernels& kernels = cpu_kernels();
   const int64_t rows = values.size(0);
   at::Tensor out = at::empty({inputs.size(0), rows}, values.options().dtype(at::kFloat));
@@ -375,6 +378,73 @@ at::Tensor rotate_half_cpu(const at::Tensor& states, const at::Tensor& cos, cons
   return out;
 }
 
+// (batch, heads, n, head_dim) in dtype: half-style RoPE of the query heads of the q_proj outputs
+// offset + scale * base, in one pass (ShiftKV's proxies through (W 1, W z): nothing of the float32
+// (batch, n, heads * head_dim) products is stored). base (n, heads * head_dim); offset (batch, heads *
+// head_dim) and scale (batch) float32; cos/sin (batch or 1, period, rotary_dim) float32, row i of every
+// sample rotated by table row i % period.
+at::Tensor affine_rotate_half_cpu(const at::Tensor& base, const at::Tensor& offset, const at::Tensor& scale,
+                                  const at::Tensor& cos, const at::Tensor& sin, int64_t heads,
+                                  at::ScalarType dtype) {
+  const auto is_scoring_type = [](at::ScalarType type) {
+    return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+  };
+  TORCH_CHECK(base.dim() == 2 && base.numel() > 0 && is_scoring_type(base.scalar_type()),
+              "affine_rotate_half: base must be a non-empty float16, bfloat16 or float32 (n, q_out) matrix, got ",
+              base.scalar_type(), " ", base.sizes());
+  const int64_t n = base.size(0), width = base.size(1);
+  TORCH_CHECK(heads > 0 && width % heads == 0, "affine_rotate_half: q_out ", width, " is not a multiple of heads ",
+              heads);
+  TORCH_CHECK(offset.dim() == 2 && offset.size(1) == width && offset.scalar_type() == at::kFloat,
+              "affine_rotate_half: offset must be float32 (batch, ", width, "), got ", offset.scalar_type(), " ",
+              offset.sizes());
+  const int64_t batch = offset.size(0);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == batch && scale.scalar_type() == at::kFloat,
+              "affine_rotate_half: scale must be float32 (", batch, "), got ", scale.scalar_type(), " ",
+              scale.sizes());
+  const int64_t head_dim = width / heads;
+  for (const at::Tensor& table : {cos, sin}) {
+    TORCH_CHECK(table.dim() == 3 && table.scalar_type() == at::kFloat && (table.size(0) == batch || table.size(0) == 1) &&
+                    table.size(1) > 0 && n % table.size(1) == 0 && table.size(2) % 2 == 0 &&
+                    table.size(2) <= head_dim,
+                "affine_rotate_half: cos and sin must be float32 (batch or 1, period, rotary_dim), period dividing ",
+                n, " rows, rotary_dim even and at most head_dim ", head_dim, ", got ", table.scalar_type(), " ",
+                table.sizes());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "affine_rotate_half: cos and sin must have one shape, got ", cos.sizes(),
+              " and ", sin.sizes());
+  TORCH_CHECK(is_scoring_type(dtype), "affine_rotate_half: dtype must be float16, bfloat16 or float32, got ", dtype);
+  const at::Tensor rows = base.contiguous(), shift = offset.contiguous(), factor = scale.contiguous();
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t period = c.size(1), rotary = c.size(2);
+  const int64_t table_batch = c.size(0) == 1 ? 0 : period * rotary;
+  at::Tensor out = at::empty({batch, heads, n, head_dim}, offset.options().dtype(dtype));
+  const cpu::StateType base_type = state_type(rows.scalar_type()), out_type = state_type(dtype);
+  const auto* base_bytes = static_cast<const char*>(rows.data_ptr());
+  auto* out_bytes = static_cast<char*>(out.data_ptr());
+  const int64_t base_size = rows.element_size(), out_size = out.element_size();
+  const cpu::Kernels& kernels = cpu_kernels();
+  const float* shift_data = shift.data_ptr<float>();
+  const float* cos_data = c.data_ptr<float>();
+  const float* sin_data = s.data_ptr<float>();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> workspace(2 * head_dim);
+    for (int64_t sample_head = begin; sample_head < end; ++sample_head) {
+      const int64_t b = sample_head / heads, h = sample_head % heads;
+      const float* row_shift = shift_data + b * width + h * head_dim;
+      const float row_scale = factor.data_ptr<float>()[b];
+      const int64_t first_table = b * table_batch;
+      for (int64_t i = 0, phase = 0; i < n; ++i, phase = phase + 1 == period ? 0 : phase + 1) {
+        const int64_t table = first_table + phase * rotary;
+        kernels.affine_rotate_half_row(base_type, base_bytes + (i * width + h * head_dim) * base_size, row_shift,
+                                       row_scale, cos_data + table, sin_data + table, rotary, head_dim, out_type,
+                                       workspace.data(), out_bytes + (sample_head * n + i) * head_dim * out_size);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmshiftkv, m) {
@@ -389,6 +459,7 @@ TORCH_LIBRARY_IMPL(mmshiftkv, CPU, m) {
   m.impl("prompt_moments", &prompt_moments_cpu);
   m.impl("weight_products", &weight_products_cpu);
   m.impl("rotate_half", &rotate_half_cpu);
+  m.impl("affine_rotate_half", &affine_rotate_half_cpu);
 }
 
 }  // namespace mmshiftkv

@@ -688,6 +688,57 @@ void rotate_half_row(const float* x, const float* cos, const float* sin, int64_t
   std::copy(x + rotary_dim, x + head_dim, out + rotary_dim);
 }
 
+// float32 values stored as T, rounded to nearest even (ATen's conversion, as Tensor.to rounds).
+template <typename T>
+void store_floats(const float* values, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(values, values + n, out);
+  } else {
+    at::vec::convert(values, out, n);
+  }
+}
+
+// out = offset + scale * base in float32, one multiply-add (one rounding) per feature.
+template <typename T>
+void affine_row(const T* base, const float* offset, float scale, int64_t n, float* out) {
+  const Vec factor(scale);
+  for (int64_t c = 0; c < n; c += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, n - c));
+    at::vec::fmadd(factor, load_floats(base + c, count), Vec::loadu(offset + c, count)).store(out + c, count);
+  }
+}
+
+void store_row(StateType type, const float* values, int64_t n, void* out) {
+  switch (type) {
+    case StateType::kBFloat16:
+      return store_floats(values, n, static_cast<c10::BFloat16*>(out));
+    case StateType::kHalf:
+      return store_floats(values, n, static_cast<c10::Half*>(out));
+    case StateType::kFloat:
+      return store_floats(values, n, static_cast<float*>(out));
+  }
+}
+
+void affine_rotate_half_row(StateType base_type, const void* base, const float* offset, float scale,
+                            const float* cos, const float* sin, int64_t rotary_dim, int64_t head_dim,
+                            StateType out_type, float* workspace, void* out) {
+  float* affine = workspace;
+  float* rotated = workspace + head_dim;
+  switch (base_type) {
+    case StateType::kBFloat16:
+      affine_row(static_cast<const c10::BFloat16*>(base), offset, scale, head_dim, affine);
+      break;
+    case StateType::kHalf:
+      affine_row(static_cast<const c10::Half*>(base), offset, scale, head_dim, affine);
+      break;
+    case StateType::kFloat:
+      affine_row(static_cast<const float*>(base), offset, scale, head_dim, affine);
+      break;
+  }
+  rotate_half_row(affine, cos, sin, rotary_dim, head_dim, rotated);
+  store_row(out_type, rotated, head_dim, out);
+}
+
 }  // namespace
 
 #define MMSHIFTKV_ISA_NAME_DEFAULT "default"
@@ -713,6 +764,7 @@ const Kernels& MMSHIFTKV_PASTE(kernels_, CPU_CAPABILITY)() {
       &shifted_moments,
       &weight_products,
       &rotate_half_row,
+      &affine_rotate_half_row,
   };
   return kernels;
 }

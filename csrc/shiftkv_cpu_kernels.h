@@ -22,7 +22,8 @@ enum class LogitType : int32_t {
   kBFloat16 = 1,  // bfloat16 rows and keys, bfloat16 GEMM with float32 accumulation
 };
 
-// Element types of the prompt states whose moments the kernels sum, and of weights (weight_products).
+// Element types of the prompt states whose moments the kernels sum, of weights (weight_products) and of
+// the affine rows and rotated queries of affine_rotate_half_row.
 enum class StateType : int32_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 struct HeadLogits {
@@ -93,6 +94,13 @@ struct Kernels {
   // each as two products and one sum; features past rotary_dim copied.
   void (*rotate_half_row)(const float* x, const float* cos, const float* sin, int64_t rotary_dim,
                           int64_t head_dim, float* out);
+
+  // One row of head_dim features, rotate_half_row of x = offset + scale * base (one float32
+  // multiply-add per feature; base of base_type), rounded to out_type (to nearest even).
+  // workspace: 2 * head_dim floats.
+  void (*affine_rotate_half_row)(StateType base_type, const void* base, const float* offset, float scale,
+                                 const float* cos, const float* sin, int64_t rotary_dim, int64_t head_dim,
+                                 StateType out_type, float* workspace, void* out);
 };
 
 const Kernels& kernels_DEFAULT();

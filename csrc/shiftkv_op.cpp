@@ -3,7 +3,8 @@
 // shiftkv_logit_max (CPU only) runs the CPU op's logits GEMM alone, reduced to each row's maximum;
 // prompt_moments (CPU only) is ShiftKV's prompt statistics (mean and variance) in one pass;
 // weight_products (CPU only) multiplies a weight by a few vectors in one read of it, in a fixed order;
-// rotate_half (CPU only) is float32 half-style RoPE in one pass.
+// rotate_half (CPU only) is float32 half-style RoPE in one pass; affine_rotate_half (CPU only) the RoPE of
+// the query heads of q_proj outputs offset + scale * base, in one pass (ShiftKV's proxies).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,6 +17,9 @@ TORCH_LIBRARY(mmshiftkv, m) {
   m.def("prompt_moments(Tensor states, bool per_feature) -> (Tensor, Tensor)");
   m.def("weight_products(Tensor weight, Tensor vectors) -> Tensor");
   m.def("rotate_half(Tensor states, Tensor cos, Tensor sin) -> Tensor");
+  m.def(
+      "affine_rotate_half(Tensor base, Tensor offset, Tensor scale, Tensor cos, Tensor sin, int heads, "
+      "ScalarType dtype) -> Tensor");
 }
 
 #if defined(MMSHIFTKV_WITH_CUDA)

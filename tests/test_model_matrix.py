@@ -97,6 +97,28 @@ def test_adapter_rotates_queries_exactly_as_the_model(family: str):
             adapter.verify_rotation(module, hidden[idx], cache.layers[idx].keys, prompt_positions)
             ours = adapter.apply_rope(adapter.query_states(module, hidden[idx]), prompt_positions, module)
         torch.testing.assert_close(ours, _QUERIES[idx], atol=1e-5, rtol=1e-4)
+        _check_affine_queries(adapter, module, hidden[idx], prompt_positions, _QUERIES[idx])
+
+
+def _check_affine_queries(
+    adapter, module, hidden: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor
+):
+    """The model's queries, as ShiftKV forms its proxies: q_proj outputs ``offset + scale * base``
+    (``offset`` the bias, ``base`` twice ``W h``, ``scale`` 1/2), through ``rotated_affine_queries``."""
+    projection = adapter.query_projection(module)
+    if projection is None:
+        return
+    with torch.no_grad():
+        base = 2 * torch.nn.functional.linear(hidden[0], projection.weight)
+        offset = (
+            torch.zeros(1, base.shape[-1])
+            if projection.bias is None
+            else projection.bias.detach().float()[None]
+        )
+        rotated = adapter.rotated_affine_queries(
+            module, base, offset, torch.tensor([0.5]), positions, queries.dtype
+        )
+    torch.testing.assert_close(rotated, queries, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -54,6 +54,7 @@ def test_an_extension_from_older_sources_is_recognised_by_its_missing_operators(
         "shiftkv_cpu_kernel",
         "weight_products",
         "rotate_half",
+        "affine_rotate_half",
     ]
     everything = SimpleNamespace(**{name: object() for name in compiled.OPERATORS})
     assert compiled.missing_operators(everything) == []

@@ -113,3 +113,93 @@ def test_compiled_rotation_leaves_other_inputs_to_torch() -> None:
         projection.rotate_half_compiled(states.transpose(-1, -2).contiguous().transpose(-1, -2), table, table)
         is None
     )
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rotary_dim", "period", "table_batch"), [(16, 3, 2), (8, 1, 1), (16, 12, 1)])
+def test_compiled_affine_rotation_matches_a_float64_recomputation(
+    base_dtype: torch.dtype, dtype: torch.dtype, rotary_dim: int, period: int, table_batch: int
+) -> None:
+    if not available()["cpu"]:
+        pytest.skip("the compiled extension is not built")
+    generator = torch.Generator().manual_seed(5)
+    batch, n, heads, head_dim = 2, 12, 3, 16
+    base = torch.randn(n, heads * head_dim, generator=generator).to(base_dtype)
+    offset = torch.randn(batch, heads * head_dim, generator=generator)
+    scale = torch.tensor([3.5, -0.25])
+    angles = torch.rand(table_batch, period, rotary_dim // 2, generator=generator) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rotated = projection.affine_rotate_half_compiled(base, offset, scale, cos, sin, heads, dtype)
+    assert rotated is not None and rotated.shape == (batch, heads, n, head_dim) and rotated.dtype == dtype
+    # float64: x = offset + scale * base split into heads, row i rotated by table row i % period.
+    x = (offset.double()[:, None] + scale.double()[:, None, None] * base.double()).view(
+        batch, n, heads, head_dim
+    )
+    x = x.transpose(1, 2)
+    rows = torch.arange(n) % period
+    c, s = cos.double()[:, None, rows], sin.double()[:, None, rows]
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    products = [x1 * c[..., :half], x2 * s[..., :half], x2 * c[..., half:], x1 * s[..., half:]]
+    expected = torch.cat([products[0] - products[1], products[2] + products[3], x[..., rotary_dim:]], -1)
+    # One rounding of x, two products and a sum in float32 (within 4 roundings of the products'
+    # magnitude; a passed feature within one of |x|), then one rounding to dtype.
+    magnitude = torch.cat(
+        [
+            products[0].abs() + products[1].abs(),
+            products[2].abs() + products[3].abs(),
+            x[..., rotary_dim:].abs(),
+        ],
+        -1,
+    )
+    unit = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    float32_error = 4 * 2.0**-24 * magnitude
+    bound = float32_error + unit * (expected.abs() + float32_error)
+    assert ((rotated.double() - expected).abs() <= bound).all()
+
+
+def test_compiled_affine_rotation_leaves_other_inputs_to_torch() -> None:
+    base, offset, scale = torch.randn(4, 8), torch.randn(1, 8), torch.ones(1)
+    table = torch.randn(1, 2, 4)
+    assert projection.affine_rotate_half_compiled(base, offset, scale, table, table, 3, torch.float32) is None
+    assert (
+        projection.affine_rotate_half_compiled(
+            base, offset, scale, table[:, :, :3], table[:, :, :3], 2, torch.float32
+        )
+        is None
+    )
+    assert (
+        projection.affine_rotate_half_compiled(
+            base, offset, scale, table[:, :1].repeat(1, 3, 1), table[:, :1].repeat(1, 3, 1), 2, torch.float32
+        )
+        is None
+    )  # period 3 of 4 rows
+    assert (
+        projection.affine_rotate_half_compiled(base, offset.half(), scale, table, table, 2, torch.float32)
+        is None
+    )
+    assert projection.affine_rotate_half_compiled(base, offset, scale, table, table, 2, torch.float64) is None
+    assert (
+        projection.affine_rotate_half_compiled(
+            base.requires_grad_(), offset, scale, table, table, 2, torch.float32
+        )
+        is None
+    )
+
+
+def test_compiled_affine_rotation_names_bad_inputs() -> None:
+    if not available()["cpu"]:
+        pytest.skip("the compiled extension is not built")
+    op = torch.ops.mmshiftkv.affine_rotate_half
+    base, offset, scale, table = torch.randn(4, 8), torch.randn(1, 8), torch.ones(1), torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="not a multiple of heads"):
+        op(base, offset, scale, table, table, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="offset must be float32"):
+        op(base, offset[:, :4], scale, table, table, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        op(base, offset, torch.ones(2), table, table, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="period dividing 4 rows"):
+        op(base, offset, scale, torch.randn(1, 3, 4), torch.randn(1, 3, 4), 2, torch.float32)
+    with pytest.raises(RuntimeError, match="dtype must be float16, bfloat16 or float32"):
+        op(base, offset, scale, table, table, 2, torch.float64)

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mmshiftkv.ops.projection import rotate_half_compiled
+from mmshiftkv.ops.projection import affine_rotate_half_compiled, rotate_half_compiled
 
 #: "half": features (i, i + d/2) rotate together, cos/sin laid out as cat(f, f) (Llama, Qwen);
 #: "pairwise": features (2i, 2i+1) rotate together, cos/sin laid out as cat(f, f) (GLM-4, transformers
@@ -305,6 +305,55 @@ class ModelAdapter:
         """Rotate ``states`` of shape ``(batch, heads, n, head_dim)`` to ``positions`` as the model does."""
         cos, sin = self.rotary_cos_sin(states, positions, attention)
         return rotate(states, cos.unsqueeze(1), sin.unsqueeze(1), self.rotation_style or "half")
+
+    def rotated_affine_queries(
+        self,
+        attention: nn.Module,
+        base: torch.Tensor,
+        offset: torch.Tensor,
+        scale: torch.Tensor,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Rotated queries of the ``q_proj`` outputs ``offset + scale * base``, in ``dtype``.
+
+        ``apply_rope(query_heads(offset + scale * base), positions)`` computed in float32 and rounded
+        to ``dtype`` once; where the query heads are a plain split of ``q_proj``'s output (no q-norm,
+        no gate) and the rotation is half-style, in one compiled pass that stores no float32 product
+        (:func:`mmshiftkv.ops.projection.affine_rotate_half_compiled`).
+
+        Parameters
+        ----------
+        attention : nn.Module
+            The layer whose ``q_proj`` gave the outputs.
+        base : torch.Tensor
+            ``(n, q_proj.out_features)``.
+        offset : torch.Tensor
+            ``(batch, q_proj.out_features)`` float32.
+        scale : torch.Tensor
+            ``(batch,)`` float32.
+        positions : torch.Tensor
+            ``(batch, p)`` or ``(3, batch, p)`` with ``p`` dividing ``n``: row ``i`` is at position
+            ``i % p`` of them.
+        dtype : torch.dtype
+            The result's dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, heads, n, head_dim)``.
+        """
+        plain_heads = (
+            base.shape[-1] == self.n_heads * attention.head_dim and getattr(attention, "q_norm", None) is None
+        )
+        if plain_heads and (self.rotation_style or "half") == "half":
+            cos, sin = self.rotary_cos_sin(offset, positions, attention)
+            fused = affine_rotate_half_compiled(base, offset, scale, cos, sin, self.n_heads, dtype)
+            if fused is not None:
+                return fused
+        projected = torch.addcmul(offset[:, None], scale[:, None, None], base)
+        tiled = positions.repeat(*([1] * (positions.dim() - 1)), base.shape[0] // positions.shape[-1])
+        return self.apply_rope(self.query_heads(attention, projected), tiled, attention).to(dtype)
 
     def verify_rotation(
         self,

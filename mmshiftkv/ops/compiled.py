@@ -83,6 +83,7 @@ OPERATORS = (
     "shiftkv_cpu_kernel",
     "weight_products",
     "rotate_half",
+    "affine_rotate_half",
 )
 
 

@@ -289,24 +289,31 @@ class ShiftKVPress(BudgetedPress):
         return adapter.query_projection(module) if self.statistics == "global" else None
 
     def _proxy_queries(
-        self, adapter, module: nn.Module, hidden_states: torch.Tensor, moments: Moments, noise=None
+        self, adapter, module: nn.Module, hidden_states: torch.Tensor, moments: Moments
     ) -> torch.Tensor:
-        """:meth:`proxy_queries`, float32 where projected through ``(W 1, W z)`` (model dtype otherwise).
-
-        ``noise``: the layer's :class:`_ProjectedNoise` when :meth:`_projected_noise` already checked it.
-        """
+        """:meth:`proxy_queries`, float32 where projected through ``(W 1, W z)`` (model dtype otherwise)."""
         projection = self._affine_projection(adapter, module)
         if projection is None:
             proxy_states = self.proxy_hidden_states(hidden_states, module.layer_idx, moments=moments)
             return adapter.query_states(module, proxy_states)
-        if noise is None:
-            noise, _ = self._projected_noise(projection, module.layer_idx)
+        noise, _ = self._projected_noise(projection, module.layer_idx)
+        offset, scale = self._proxy_affine(projection, noise, moments)
+        projected = torch.addcmul(offset[:, None], scale[:, None, None], noise.projected)  # float32
+        return adapter.query_heads(module, projected)
+
+    def _proxy_affine(
+        self, projection: nn.Linear, noise: _ProjectedNoise, moments: Moments
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(offset, scale)`` of the proxies' ``q_proj`` outputs ``offset + scale * W z``, float32.
+
+        ``offset = mean * W 1 + b``, ``(batch, q_out)``, is their common part; ``scale = gamma * std``,
+        ``(batch,)``.
+        """
         mean, std = moments.mean_and_std()  # (batch, 1) each
-        offset = mean[:, :, None] * noise.row_sums  # (batch, 1, q_out): the proxies' common part
+        offset = mean * noise.row_sums
         if projection.bias is not None:
             offset = offset + projection.bias.float()
-        projected = torch.addcmul(offset, (self.gamma * std)[:, :, None], noise.projected)  # float32
-        return adapter.query_heads(module, projected)
+        return offset, self.gamma * std[:, 0]
 
     def _projected_noise(
         self, projection: nn.Linear, layer_idx: int, inputs: torch.Tensor | None = None
@@ -441,13 +448,21 @@ class ShiftKVPress(BudgetedPress):
                 last_projected = last_projected + projection.bias.float()
             last_query = adapter.query_heads(module, last_projected[:, None].to(hidden_states.dtype))
         last_query = adapter.apply_rope(last_query, state.positions[..., -1:], module)[:, :, 0]
-        # float32 proxies through (W 1, W z) are rotated in float32 and rounded to the model dtype once.
-        proxies = self._proxy_queries(adapter, module, hidden_states, moments, noise)
-        offsets = self.position_start + self.position_stride * (
-            torch.arange(self.n_proxies, device=keys.device) % self.group_size
+        # One group's future positions: proxy i is at offsets[i % group_size].
+        offsets = self.position_start + self.position_stride * torch.arange(
+            self.group_size, device=keys.device
         )
         positions = adapter.future_positions(state.positions, offsets)
-        proxies = adapter.apply_rope(proxies, positions, module).to(hidden_states.dtype)
+        if projection is None:
+            proxies = self._proxy_queries(adapter, module, hidden_states, moments)
+            tiled = positions.repeat(*([1] * (positions.dim() - 1)), self.n_groups)
+            proxies = adapter.apply_rope(proxies, tiled, module).to(hidden_states.dtype)
+        else:
+            # float32 proxies through (W 1, W z) are rotated in float32 and rounded to the model dtype once.
+            offset, scale = self._proxy_affine(projection, noise, moments)
+            proxies = adapter.rotated_affine_queries(
+                module, noise.projected, offset, scale, positions, hidden_states.dtype
+            )
         options = dict(
             n_groups=self.n_groups,
             scaling=module.scaling,
