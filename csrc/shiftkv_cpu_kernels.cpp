@@ -386,16 +386,21 @@ void pack_keys(LogitType type, const void* keys, int64_t key_stride, int64_t seq
     const auto* source = static_cast<const uint16_t*>(keys);
     const int64_t pairs = (head_dim + 1) / 2;
     auto* out = static_cast<uint32_t*>(packed);
+    const int64_t whole_pairs = head_dim / 2;
     for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
       uint32_t* panel_out = out + panel * pairs * kPanelKeys;
       for (int64_t j = 0; j < kPanelKeys; ++j) {
         const int64_t t = panel * kPanelKeys + j;
-        const uint16_t* key = source + t * key_stride;
-        for (int64_t p = 0; p < pairs; ++p) {
-          const uint32_t low = t < seq_len ? key[2 * p] : 0;
-          const uint32_t high = t < seq_len && 2 * p + 1 < head_dim ? key[2 * p + 1] : 0;
-          panel_out[p * kPanelKeys + j] = low | (high << 16);
+        uint32_t* column = panel_out + j;
+        if (t >= seq_len) {
+          for (int64_t p = 0; p < pairs; ++p) column[p * kPanelKeys] = 0;
+          continue;
         }
+        const uint16_t* key = source + t * key_stride;
+        for (int64_t p = 0; p < whole_pairs; ++p) {
+          column[p * kPanelKeys] = key[2 * p] | (static_cast<uint32_t>(key[2 * p + 1]) << 16);
+        }
+        if (whole_pairs < pairs) column[whole_pairs * kPanelKeys] = key[head_dim - 1];
       }
     }
     return;
@@ -464,11 +469,13 @@ double sum_masses_below(const float* mass, int64_t n, float bound) {
   return sum.total();
 }
 
-// mass[t] = vote_mass(group_sum[t], anchor_sum[t], ...) (shiftkv_vote.h), a vector at a time.
-void vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
-                 int64_t group_size, bool anchor_in_groups, float* mass) {
+// mass[t] = vote_mass(group_sum[t], anchor_sum[t], ...) (shiftkv_vote.h), a vector at a time, and
+// their maximum (masses are finite and >= +0: the lanes past n, zero, do not change it).
+float vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
+                  int64_t group_size, bool anchor_in_groups, float* mass) {
   const DoubleVec heads(static_cast<double>(heads_per_kv));
   const DoubleVec members(static_cast<double>(group_size + 1));
+  Vec largest(0.0f);
   for (int64_t t = 0; t < n; t += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, n - t));
     DoubleVec sum_low, sum_high, anchor_low, anchor_high;
@@ -476,8 +483,11 @@ void vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int
     to_doubles(Vec::loadu(anchor_sum + t, count), anchor_low, anchor_high);
     const DoubleVec low = vote_mass_of(sum_low, anchor_low, heads, members, anchor_in_groups);
     const DoubleVec high = vote_mass_of(sum_high, anchor_high, heads, members, anchor_in_groups);
-    to_floats(low, high).store(mass + t, count);
+    const Vec masses = to_floats(low, high);
+    masses.store(mass + t, count);
+    largest = at::vec::maximum(largest, masses);
   }
+  return horizontal_max(largest);
 }
 
 // count (1..kLanes) elements as floats; the rest of the vector is zero.

@@ -71,9 +71,9 @@ struct Kernels {
   double (*sum_masses_below)(const float* mass, int64_t n, float bound);
 
   // mass[t] = vote_mass(group_sum[t], anchor_sum[t], heads_per_kv, group_size, anchor_in_groups)
-  // (shiftkv_vote.h) for t < n, with the same float64 operations.
-  void (*vote_masses)(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
-                      int64_t group_size, bool anchor_in_groups, float* mass);
+  // (shiftkv_vote.h) for t < n (n >= 1), with the same float64 operations; returns the largest mass.
+  float (*vote_masses)(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
+                       int64_t group_size, bool anchor_in_groups, float* mass);
 
   // Adds the float64 sums of d = x - shift and d^2 over rows [row_begin, row_end) of a row-major
   // (rows, cols) matrix: per column into sums[c], squares[c] with shift[c] (per_column), else over
