@@ -265,6 +265,7 @@ __attribute__((target("avx512bf16"))) void bfloat16_tile(const uint32_t* rows, i
 #pragma GCC unroll 4
     for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = _mm512_setzero_ps();
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < pairs; ++k) {
     __m512bh keys[kMicroVectors];
 #pragma GCC unroll 4
