@@ -89,44 +89,87 @@ at::Tensor key_bias(const bool* real_key, int64_t seq_len, int64_t padded_len) {
   return bias;
 }
 
-// One KV head's query rows in the GEMM's type, (n_rows, depth) contiguous: the rows of each part
-// ((..., head_dim), any scoring dtype; rows in the row-major order of its leading dimensions) one
-// after the other, each part copied and converted in one pass; bfloat16 rows padded to whole pairs
-// with a zero element.
-at::Tensor gemm_rows(cpu::LogitType type, std::initializer_list<at::Tensor> parts, int64_t head_dim) {
-  const bool bf16 = type == cpu::LogitType::kBFloat16;
-  const int64_t depth = bf16 ? head_dim + head_dim % 2 : head_dim;
-  const at::Tensor& first_part = *parts.begin();
-  if (!bf16 && parts.size() == 1 && first_part.scalar_type() == at::kFloat) {
-    return first_part.reshape({-1, head_dim}).contiguous();  // already float32 rows: no copy if contiguous
+// The addresses of one KV head's query rows for the GEMM: the rows of each part ((..., head_dim), any
+// scoring dtype; rows in the row-major order of its leading dimensions) one after the other. Parts
+// already in the GEMM's type with contiguous rows (bfloat16: whole, 4-byte aligned pairs) are read
+// in place; the others are copied and converted once into a buffer (bfloat16 rows padded to whole
+// pairs with a zero element).
+struct GemmRows {
+  at::Tensor buffer;    // converted rows, where a part needed them
+  std::vector<const void*> addresses;  // of each row
+  int64_t depth;        // elements per row the GEMM reads
+};
+
+bool readable_in_place(const at::Tensor& part, at::ScalarType type) {
+  if (part.scalar_type() != type || part.stride(-1) != 1) return false;
+  if (type == at::kFloat) return true;
+  // bfloat16 pairs: an even head_dim, even row strides and an even element offset from 4-byte alignment.
+  bool even = part.size(-1) % 2 == 0 && reinterpret_cast<uintptr_t>(part.data_ptr()) % 4 == 0;
+  for (int64_t d = 0; d + 1 < part.dim(); ++d) even = even && (part.stride(d) % 2 == 0 || part.size(d) == 1);
+  return even;
+}
+
+// Appends the address of every row of part (its leading dimensions in row-major order).
+void append_row_addresses(const at::Tensor& part, int64_t element_size, std::vector<const void*>& out) {
+  const int64_t dims = part.dim() - 1;
+  const int64_t count = part.numel() / part.size(-1);
+  std::vector<int64_t> index(dims, 0);
+  const char* base = static_cast<const char*>(part.data_ptr());
+  int64_t offset = 0;  // elements
+  for (int64_t row = 0; row < count; ++row) {
+    out.push_back(base + offset * element_size);
+    for (int64_t d = dims - 1; d >= 0; --d) {  // odometer over the leading dimensions
+      offset += part.stride(d);
+      if (++index[d] < part.size(d)) break;
+      offset -= part.stride(d) * part.size(d);
+      index[d] = 0;
+    }
   }
+}
+
+GemmRows gemm_rows(cpu::LogitType type, std::initializer_list<at::Tensor> parts, int64_t head_dim) {
+  const bool bf16 = type == cpu::LogitType::kBFloat16;
+  const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  const int64_t element_size = bf16 ? 2 : 4;
+  GemmRows rows;
+  bool in_place = true;
   int64_t n_rows = 0;
-  for (const at::Tensor& part : parts) n_rows += part.numel() / head_dim;
-  at::Tensor rows = at::empty({n_rows, depth}, first_part.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  if (depth > head_dim) rows.select(1, head_dim).zero_();
+  for (const at::Tensor& part : parts) {
+    in_place = in_place && readable_in_place(part, dtype);
+    n_rows += part.numel() / head_dim;
+  }
+  rows.depth = bf16 ? head_dim + head_dim % 2 : head_dim;
+  rows.addresses.reserve(n_rows);
+  if (in_place) {
+    for (const at::Tensor& part : parts) append_row_addresses(part, element_size, rows.addresses);
+    return rows;
+  }
+  rows.buffer = at::empty({n_rows, rows.depth}, parts.begin()->options().dtype(dtype));
+  if (rows.depth > head_dim) rows.buffer.select(1, head_dim).zero_();
   int64_t first = 0;
   for (const at::Tensor& part : parts) {
     const int64_t count = part.numel() / head_dim;
-    rows.narrow(0, first, count).narrow(1, 0, head_dim).view(part.sizes()).copy_(part);
+    rows.buffer.narrow(0, first, count).narrow(1, 0, head_dim).view(part.sizes()).copy_(part);
     first += count;
   }
+  append_row_addresses(rows.buffer, element_size, rows.addresses);
   return rows;
 }
 
 // One KV head's rows and keys in the GEMM's type, the keys packed; holds the tensors the view uses.
 struct PreparedHead {
-  at::Tensor rows;
+  GemmRows rows;
   at::Tensor packed_keys;
   cpu::HeadLogits logits;
 };
 
 // rows: from gemm_rows; keys: (seq_len, head_dim), any scoring dtype; bias from key_bias.
-PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, at::Tensor rows, const at::Tensor& keys,
+PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, GemmRows rows, const at::Tensor& keys,
                           const at::Tensor& bias, double scaling) {
   const int64_t seq_len = keys.size(0);
   const int64_t head_dim = keys.size(1);
   const int64_t padded_len = bias.size(0);
-  const int64_t depth = rows.size(1);
+  const int64_t depth = rows.depth;
   PreparedHead head;
   head.rows = std::move(rows);
   // pack_keys reads rows of contiguous elements, any row stride.
@@ -144,8 +187,8 @@ PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, at::
   at::parallel_for(0, padded_len / kernels.panel_keys, kPackGrain, [&](int64_t begin, int64_t end) {
     kernels.pack_keys(type, key_data, key_stride, seq_len, head_dim, begin, end, packed);
   });
-  head.logits = {type,    head.rows.data_ptr(), depth,      depth, packed, bias.data_ptr<float>(),
-                 seq_len, padded_len,           static_cast<float>(scaling)};
+  head.logits = {type,    head.rows.addresses.data(), depth, packed, bias.data_ptr<float>(),
+                 seq_len, padded_len,                static_cast<float>(scaling)};
   return head;
 }
 
@@ -210,7 +253,7 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
       const PreparedHead head = prepare_head(kernels, type, gemm_rows(type, {grouped[b][h], last[b][h]}, s.head_dim),
                                              keys[b][h], bias, scaling);
       const cpu::HeadSums out{r * g, G, exclude_last_key, sums_data + (b * s.kv_heads + h) * (G + 1) * padded};
-      head_probability_sums(kernels, head.logits, out, head.rows.size(0));
+      head_probability_sums(kernels, head.logits, out, static_cast<int64_t>(head.rows.addresses.size()));
     }
   }
 

@@ -227,10 +227,13 @@ inline void store_tile(Vec (&acc)[Rows][kMicroVectors], const float* bias, float
   }
 }
 
-// rows: Rows float32 rows (stride lda), panel: (depth, kPanelKeys) float32.
+// rows: Rows float32 rows, panel: (depth, kPanelKeys) float32.
 template <int Rows>
-void float_tile(const float* rows, int64_t lda, const float* panel, int64_t depth, const float* bias,
-                float scaling, float* out, int64_t ld, float* row_max) {
+void float_tile(const void* const* rows, const float* panel, int64_t depth, const float* bias, float scaling,
+                float* out, int64_t ld, float* row_max) {
+  const float* query_rows[Rows];
+#pragma GCC unroll 16
+  for (int i = 0; i < Rows; ++i) query_rows[i] = static_cast<const float*>(rows[i]);
   Vec acc[Rows][kMicroVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < Rows; ++i) {
@@ -243,7 +246,7 @@ void float_tile(const float* rows, int64_t lda, const float* panel, int64_t dept
     for (int j = 0; j < kMicroVectors; ++j) keys[j] = Vec::loadu(panel + k * kPanelKeys + j * kLanes);
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
-      const Vec query(rows[i * lda + k]);
+      const Vec query(query_rows[i][k]);
 #pragma GCC unroll 4
       for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = at::vec::fmadd(query, keys[j], acc[i][j]);
     }
@@ -252,13 +255,15 @@ void float_tile(const float* rows, int64_t lda, const float* panel, int64_t dept
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// rows: Rows rows of bfloat16 pairs (stride lda pairs), panel: (depth / 2, kPanelKeys) pairs. Each
-// VDPBF16PS adds two exact bfloat16 products into a float32 accumulator (denormals flushed).
+// rows: Rows rows of bfloat16 pairs, panel: (depth / 2, kPanelKeys) pairs. Each VDPBF16PS adds two
+// exact bfloat16 products into a float32 accumulator (denormals flushed).
 template <int Rows>
-__attribute__((target("avx512bf16"))) void bfloat16_tile(const uint32_t* rows, int64_t lda,
-                                                         const uint32_t* panel, int64_t pairs,
-                                                         const float* bias, float scaling, float* out,
-                                                         int64_t ld, float* row_max) {
+__attribute__((target("avx512bf16"))) void bfloat16_tile(const void* const* rows, const uint32_t* panel,
+                                                         int64_t pairs, const float* bias, float scaling,
+                                                         float* out, int64_t ld, float* row_max) {
+  const uint32_t* query_rows[Rows];
+#pragma GCC unroll 16
+  for (int i = 0; i < Rows; ++i) query_rows[i] = static_cast<const uint32_t*>(rows[i]);
   __m512 acc[Rows][kMicroVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < Rows; ++i) {
@@ -274,7 +279,7 @@ __attribute__((target("avx512bf16"))) void bfloat16_tile(const uint32_t* rows, i
     }
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
-      const __m512bh query = (__m512bh)_mm512_set1_epi32(static_cast<int>(rows[i * lda + k]));
+      const __m512bh query = (__m512bh)_mm512_set1_epi32(static_cast<int>(query_rows[i][k]));
 #pragma GCC unroll 4
       for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], query, keys[j]);
     }
@@ -305,17 +310,16 @@ void logits_tile(const HeadLogits& head, int64_t rows, int64_t first_row, int64_
     if (rows < Rows) return logits_tile<Rows - 1>(head, rows, first_row, panel, out, ld, row_max);
   }
   const float* bias = head.key_bias + panel * kPanelKeys;
+  const void* const* queries = head.rows + first_row;
 #if defined(CPU_CAPABILITY_AVX512)
   if (head.type == LogitType::kBFloat16) {
     const int64_t pairs = head.depth / 2;
-    const auto* queries = static_cast<const uint32_t*>(head.rows) + first_row * (head.row_stride / 2);
     const auto* keys = static_cast<const uint32_t*>(head.packed_keys) + panel * pairs * kPanelKeys;
-    return bfloat16_tile<Rows>(queries, head.row_stride / 2, keys, pairs, bias, head.scaling, out, ld, row_max);
+    return bfloat16_tile<Rows>(queries, keys, pairs, bias, head.scaling, out, ld, row_max);
   }
 #endif
-  const auto* queries = static_cast<const float*>(head.rows) + first_row * head.row_stride;
   const auto* keys = static_cast<const float*>(head.packed_keys) + panel * head.depth * kPanelKeys;
-  float_tile<Rows>(queries, head.row_stride, keys, head.depth, bias, head.scaling, out, ld, row_max);
+  float_tile<Rows>(queries, keys, head.depth, bias, head.scaling, out, ld, row_max);
 }
 
 // Logits of rows [first_row, first_row + rows) into logits (rows x padded_len), and each row's
