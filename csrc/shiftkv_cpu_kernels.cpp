@@ -72,7 +72,7 @@ constexpr float kLn2Low = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.00000007f, 0.999999692f, 0.499988949f, 0.166675747f, 0.041915382f, 0.0082976552f};
 
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX-512: three fewer multiply-adds, within 2.76 * 2^-24 (every float in [-87, 0] checked against
+// AVX-512: two fewer multiply-adds (6), within 2.76 * 2^-24 (every float in [-87, 0] checked against
 // float64 exp): x = (32 k + j) ln2 / 32 + r, |r| <= ln2 / 64, a degree-2 minimax polynomial
 // 1 + q(r) for e^r (0.9 * 2^-24 relative), and e^x = P + P q with P = 2^(j / 32) from a 32-entry
 // table (one two-register permute) times 2^k (added to its exponent bits): one rounding of P q + P,
