@@ -20,9 +20,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "shiftkv_checks.h"
@@ -87,39 +89,106 @@ at::Tensor key_bias(const bool* real_key, int64_t seq_len, int64_t padded_len) {
   return bias;
 }
 
+// The addresses of one KV head's query rows for the GEMM: the rows of each part ((..., head_dim), any
+// scoring dtype; rows in the row-major order of its leading dimensions) one after the other. Parts
+// already in the GEMM's type with contiguous rows (bfloat16: whole, 4-byte aligned pairs) are read
+// in place; the others are copied and converted once into a buffer (bfloat16 rows padded to whole
+// pairs with a zero element).
+struct GemmRows {
+  at::Tensor buffer;    // converted rows, where a part needed them
+  std::vector<const void*> addresses;  // of each row
+  int64_t depth;        // elements per row the GEMM reads
+};
+
+bool readable_in_place(const at::Tensor& part, at::ScalarType type) {
+  if (part.scalar_type() != type || part.stride(-1) != 1) return false;
+  if (type == at::kFloat) return true;
+  // bfloat16 pairs: an even head_dim, even row strides and an even element offset from 4-byte alignment.
+  bool even = part.size(-1) % 2 == 0 && reinterpret_cast<uintptr_t>(part.data_ptr()) % 4 == 0;
+  for (int64_t d = 0; d + 1 < part.dim(); ++d) even = even && (part.stride(d) % 2 == 0 || part.size(d) == 1);
+  return even;
+}
+
+// Appends the address of every row of part (its leading dimensions in row-major order).
+void append_row_addresses(const at::Tensor& part, int64_t element_size, std::vector<const void*>& out) {
+  const int64_t dims = part.dim() - 1;
+  const int64_t count = part.numel() / part.size(-1);
+  std::vector<int64_t> index(dims, 0);
+  const char* base = static_cast<const char*>(part.data_ptr());
+  int64_t offset = 0;  // elements
+  for (int64_t row = 0; row < count; ++row) {
+    out.push_back(base + offset * element_size);
+    for (int64_t d = dims - 1; d >= 0; --d) {  // odometer over the leading dimensions
+      offset += part.stride(d);
+      if (++index[d] < part.size(d)) break;
+      offset -= part.stride(d) * part.size(d);
+      index[d] = 0;
+    }
+  }
+}
+
+GemmRows gemm_rows(cpu::LogitType type, std::initializer_list<at::Tensor> parts, int64_t head_dim) {
+  const bool bf16 = type == cpu::LogitType::kBFloat16;
+  const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  const int64_t element_size = bf16 ? 2 : 4;
+  GemmRows rows;
+  bool in_place = true;
+  int64_t n_rows = 0;
+  for (const at::Tensor& part : parts) {
+    in_place = in_place && readable_in_place(part, dtype);
+    n_rows += part.numel() / head_dim;
+  }
+  rows.depth = bf16 ? head_dim + head_dim % 2 : head_dim;
+  rows.addresses.reserve(n_rows);
+  if (in_place) {
+    for (const at::Tensor& part : parts) append_row_addresses(part, element_size, rows.addresses);
+    return rows;
+  }
+  rows.buffer = at::empty({n_rows, rows.depth}, parts.begin()->options().dtype(dtype));
+  if (rows.depth > head_dim) rows.buffer.select(1, head_dim).zero_();
+  int64_t first = 0;
+  for (const at::Tensor& part : parts) {
+    const int64_t count = part.numel() / head_dim;
+    rows.buffer.narrow(0, first, count).narrow(1, 0, head_dim).view(part.sizes()).copy_(part);
+    first += count;
+  }
+  append_row_addresses(rows.buffer, element_size, rows.addresses);
+  return rows;
+}
+
 // One KV head's rows and keys in the GEMM's type, the keys packed; holds the tensors the view uses.
 struct PreparedHead {
-  at::Tensor rows;
+  GemmRows rows;
   at::Tensor packed_keys;
   cpu::HeadLogits logits;
 };
 
-// rows: (n_rows, head_dim), keys: (seq_len, head_dim), any scoring dtype; bias from key_bias.
-PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, const at::Tensor& rows,
-                          const at::Tensor& keys, const at::Tensor& bias, double scaling) {
+// rows: from gemm_rows; keys: (seq_len, head_dim), any scoring dtype; bias from key_bias.
+PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, GemmRows rows, const at::Tensor& keys,
+                          const at::Tensor& bias, double scaling) {
   const int64_t seq_len = keys.size(0);
   const int64_t head_dim = keys.size(1);
   const int64_t padded_len = bias.size(0);
+  const int64_t depth = rows.depth;
   PreparedHead head;
-  at::Tensor converted_keys;
-  int64_t depth = head_dim;
+  head.rows = std::move(rows);
+  // pack_keys reads rows of contiguous elements, any row stride.
+  const at::ScalarType key_type = type == cpu::LogitType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor converted_keys =
+      keys.scalar_type() == key_type && keys.stride(1) == 1 ? keys : keys.to(key_type).contiguous();
+  const int64_t key_stride = converted_keys.stride(0);
   if (type == cpu::LogitType::kBFloat16) {
-    depth = head_dim + head_dim % 2;  // whole bfloat16 pairs; the padding element is zero
-    head.rows = at::constant_pad_nd(rows, {0, depth - head_dim}).contiguous();
-    converted_keys = keys.contiguous();
     head.packed_keys = at::empty({padded_len * depth / 2}, keys.options().dtype(at::kInt));
   } else {
-    head.rows = rows.to(at::kFloat).contiguous();
-    converted_keys = keys.to(at::kFloat).contiguous();
     head.packed_keys = at::empty({padded_len * depth}, keys.options().dtype(at::kFloat));
   }
   const void* key_data = converted_keys.data_ptr();
   void* packed = head.packed_keys.data_ptr();
   at::parallel_for(0, padded_len / kernels.panel_keys, kPackGrain, [&](int64_t begin, int64_t end) {
-    kernels.pack_keys(type, key_data, head_dim, seq_len, head_dim, begin, end, packed);
+    kernels.pack_keys(type, key_data, key_stride, seq_len, head_dim, begin, end, packed);
   });
-  head.logits = {type,    head.rows.data_ptr(),   depth,      depth, packed, bias.data_ptr<float>(),
-                 seq_len, padded_len,             static_cast<float>(scaling)};
+  head.logits = {type,    head.rows.addresses.data(), depth, packed, bias.data_ptr<float>(),
+                 seq_len, padded_len,                static_cast<float>(scaling)};
   return head;
 }
 
@@ -147,9 +216,8 @@ void head_probability_sums(const cpu::Kernels& kernels, const cpu::HeadLogits& h
   });
 }
 
-VoteCut group_vote_cut(const cpu::Kernels& kernels, const float* mass, int64_t seq_len, double tau,
+VoteCut group_vote_cut(const cpu::Kernels& kernels, const float* mass, float max_mass, int64_t seq_len, double tau,
                        Coverage coverage) {
-  const float max_mass = *std::max_element(mass, mass + seq_len);
   auto sum_below = [&](uint32_t bits) { return kernels.sum_masses_below(mass, seq_len, bits_to_mass(bits)); };
   auto count_equal = [&](float value) { return static_cast<int64_t>(std::count(mass, mass + seq_len, value)); };
   const double total = kernels.sum_masses_below(mass, seq_len, std::numeric_limits<float>::infinity());
@@ -182,10 +250,10 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
   for (int64_t b = 0; b < s.batch; ++b) {
     const at::Tensor bias = key_bias(mask.defined() ? mask.data_ptr<bool>() + b * T : nullptr, T, padded);
     for (int64_t h = 0; h < s.kv_heads; ++h) {
-      const at::Tensor rows = at::cat({grouped[b][h].reshape({G * r * g, s.head_dim}), last[b][h]});
-      const PreparedHead head = prepare_head(kernels, type, rows, keys[b][h], bias, scaling);
+      const PreparedHead head = prepare_head(kernels, type, gemm_rows(type, {grouped[b][h], last[b][h]}, s.head_dim),
+                                             keys[b][h], bias, scaling);
       const cpu::HeadSums out{r * g, G, exclude_last_key, sums_data + (b * s.kv_heads + h) * (G + 1) * padded};
-      head_probability_sums(kernels, head.logits, out, rows.size(0));
+      head_probability_sums(kernels, head.logits, out, static_cast<int64_t>(head.rows.addresses.size()));
     }
   }
 
@@ -198,14 +266,17 @@ at::Tensor shiftkv_scores_cpu(const at::Tensor& proxies, const at::Tensor& keys,
       const int64_t j = item % G;
       const float* group_sum = sums_data + (head * (G + 1) + j) * padded;
       const float* anchor_sum = sums_data + (head * (G + 1) + G) * padded;
-      kernels.vote_masses(group_sum, anchor_sum, T, r, g, anchor_in_groups, mass.data());
-      const VoteCut cut = group_vote_cut(kernels, mass.data(), T, tau, coverage);
+      const float max_mass = kernels.vote_masses(group_sum, anchor_sum, T, r, g, anchor_in_groups, mass.data());
+      const VoteCut cut = group_vote_cut(kernels, mass.data(), max_mass, T, tau, coverage);
       uint8_t* out = voted_data + item * T;
-      int64_t equal_taken = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const bool take_equal = on_cut(mass[t], cut) && equal_taken < cut.equal_quota;
-        equal_taken += take_equal;
-        out[t] = above_cut(mass[t], cut) || take_equal;
+      const float* masses = mass.data();
+      for (int64_t t = 0; t < T; ++t) out[t] = above_cut(masses[t], cut);  // vectorised
+      // Then the first equal_quota tokens on the cut, in index order.
+      for (int64_t t = 0, taken = 0; t < T && taken < cut.equal_quota; ++t) {
+        if (on_cut(masses[t], cut)) {
+          out[t] = 1;
+          ++taken;
+        }
       }
     }
   });
@@ -248,8 +319,9 @@ at::Tensor shiftkv_logit_max_cpu(const at::Tensor& queries, const at::Tensor& ke
   const cpu::Kernels& kernels = cpu_kernels();
   const int64_t padded = padded_length(kernels, keys.size(0));
   const at::Tensor bias = key_bias(nullptr, keys.size(0), padded);
+  const cpu::LogitType type = logit_type(kernels, keys.scalar_type());
   const PreparedHead head =
-      prepare_head(kernels, logit_type(kernels, keys.scalar_type()), queries, keys, bias, scaling);
+      prepare_head(kernels, type, gemm_rows(type, {queries}, queries.size(1)), keys, bias, scaling);
   at::Tensor maxima = at::empty({queries.size(0)}, queries.options().dtype(at::kFloat));
   const int64_t rows = block_rows(kernels, padded);
   at::parallel_for(0, queries.size(0), rows, [&](int64_t begin, int64_t end) {

@@ -72,15 +72,17 @@ constexpr float kLn2Low = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.00000007f, 0.999999692f, 0.499988949f, 0.166675747f, 0.041915382f, 0.0082976552f};
 
 #if defined(CPU_CAPABILITY_AVX512)
-// AVX-512: one fewer multiply-add, within 2.9 * 2^-24: x = (32 k + j) ln2 / 32 + r, |r| <= ln2 / 64,
-// 2^(j / 32) from a 32-entry table (one two-register permute), a degree-3 minimax polynomial for
-// e^r (1e-3 * 2^-24 relative).
+// AVX-512: two fewer multiply-adds (6), within 2.76 * 2^-24 (every float in [-87, 0] checked against
+// float64 exp): x = (32 k + j) ln2 / 32 + r, |r| <= ln2 / 64, a degree-2 minimax polynomial
+// 1 + q(r) for e^r (0.9 * 2^-24 relative), and e^x = P + P q with P = 2^(j / 32) from a 32-entry
+// table (one two-register permute) times 2^k (added to its exponent bits): one rounding of P q + P,
+// whose q carries its own roundings scaled by |q| <= 0.011.
 constexpr float kExp2Table[32] = {
     1.0f,        1.0218972f,  1.04427373f, 1.06714046f, 1.09050775f, 1.1143868f,  1.13878858f, 1.1637249f,
     1.18920708f, 1.21524739f, 1.24185777f, 1.26905096f, 1.29683959f, 1.32523668f, 1.35425556f, 1.38390994f,
     1.41421354f, 1.44518077f, 1.47682619f, 1.50916445f, 1.54221082f, 1.5759809f,  1.61049032f, 1.64575553f,
     1.68179286f, 1.71861935f, 1.75625217f, 1.79470909f, 1.8340081f,  1.87416768f, 1.91520655f, 1.95714414f};
-constexpr float kTablePoly[4] = {1.0f, 1.0f, 0.500004887f, 0.166665689f};
+constexpr float kTablePoly[2] = {1.0000146627426147f, 0.4999963343143463f};  // q(r) = (c1 + c2 r) r
 
 inline Vec exp_nonpositive(const Vec& v) {
   const __m512 x = v;
@@ -91,15 +93,15 @@ inline Vec exp_nonpositive(const Vec& v) {
   const __m512 n = _mm512_sub_ps(t, shift);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High / 32.0f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low / 32.0f), r);
-  __m512 p = _mm512_set1_ps(kTablePoly[3]);
-  for (int i = 2; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTablePoly[i]));
+  const __m512 q =
+      _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(kTablePoly[1]), r, _mm512_set1_ps(kTablePoly[0])), r);
   const __m512i bits = _mm512_castps_si512(t);
   const __m512 power = _mm512_permutex2var_ps(_mm512_loadu_ps(kExp2Table), bits, _mm512_loadu_ps(kExp2Table + 16));
-  const __m512 scaled = _mm512_mul_ps(p, power);
   // 2^k added to the exponent: k = floor(n / 32) = (t's bits >> 5) up to multiples of 2^9 that the
-  // shift by 23 drops.
+  // shift by 23 drops. P stays normal: x >= -87 gives k >= -126, and k = -126 only with j >= 15.
   const __m512i exponent = _mm512_slli_epi32(_mm512_srai_epi32(bits, 5), 23);
-  return _mm512_castsi512_ps(_mm512_maskz_add_epi32(kept, _mm512_castps_si512(scaled), exponent));
+  const __m512 scaled = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(power), exponent));
+  return _mm512_maskz_fmadd_ps(kept, scaled, q, scaled);  // x < -87, -inf and NaN: 0
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline Vec exp_nonpositive(const Vec& v) {
@@ -225,10 +227,13 @@ inline void store_tile(Vec (&acc)[Rows][kMicroVectors], const float* bias, float
   }
 }
 
-// rows: Rows float32 rows (stride lda), panel: (depth, kPanelKeys) float32.
+// rows: Rows float32 rows, panel: (depth, kPanelKeys) float32.
 template <int Rows>
-void float_tile(const float* rows, int64_t lda, const float* panel, int64_t depth, const float* bias,
-                float scaling, float* out, int64_t ld, float* row_max) {
+void float_tile(const void* const* rows, const float* panel, int64_t depth, const float* bias, float scaling,
+                float* out, int64_t ld, float* row_max) {
+  const float* query_rows[Rows];
+#pragma GCC unroll 16
+  for (int i = 0; i < Rows; ++i) query_rows[i] = static_cast<const float*>(rows[i]);
   Vec acc[Rows][kMicroVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < Rows; ++i) {
@@ -241,7 +246,7 @@ void float_tile(const float* rows, int64_t lda, const float* panel, int64_t dept
     for (int j = 0; j < kMicroVectors; ++j) keys[j] = Vec::loadu(panel + k * kPanelKeys + j * kLanes);
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
-      const Vec query(rows[i * lda + k]);
+      const Vec query(query_rows[i][k]);
 #pragma GCC unroll 4
       for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = at::vec::fmadd(query, keys[j], acc[i][j]);
     }
@@ -250,19 +255,22 @@ void float_tile(const float* rows, int64_t lda, const float* panel, int64_t dept
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// rows: Rows rows of bfloat16 pairs (stride lda pairs), panel: (depth / 2, kPanelKeys) pairs. Each
-// VDPBF16PS adds two exact bfloat16 products into a float32 accumulator (denormals flushed).
+// rows: Rows rows of bfloat16 pairs, panel: (depth / 2, kPanelKeys) pairs. Each VDPBF16PS adds two
+// exact bfloat16 products into a float32 accumulator (denormals flushed).
 template <int Rows>
-__attribute__((target("avx512bf16"))) void bfloat16_tile(const uint32_t* rows, int64_t lda,
-                                                         const uint32_t* panel, int64_t pairs,
-                                                         const float* bias, float scaling, float* out,
-                                                         int64_t ld, float* row_max) {
+__attribute__((target("avx512bf16"))) void bfloat16_tile(const void* const* rows, const uint32_t* panel,
+                                                         int64_t pairs, const float* bias, float scaling,
+                                                         float* out, int64_t ld, float* row_max) {
+  const uint32_t* query_rows[Rows];
+#pragma GCC unroll 16
+  for (int i = 0; i < Rows; ++i) query_rows[i] = static_cast<const uint32_t*>(rows[i]);
   __m512 acc[Rows][kMicroVectors];
 #pragma GCC unroll 16
   for (int i = 0; i < Rows; ++i) {
 #pragma GCC unroll 4
     for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = _mm512_setzero_ps();
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < pairs; ++k) {
     __m512bh keys[kMicroVectors];
 #pragma GCC unroll 4
@@ -271,7 +279,7 @@ __attribute__((target("avx512bf16"))) void bfloat16_tile(const uint32_t* rows, i
     }
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
-      const __m512bh query = (__m512bh)_mm512_set1_epi32(static_cast<int>(rows[i * lda + k]));
+      const __m512bh query = (__m512bh)_mm512_set1_epi32(static_cast<int>(query_rows[i][k]));
 #pragma GCC unroll 4
       for (int j = 0; j < kMicroVectors; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], query, keys[j]);
     }
@@ -302,17 +310,16 @@ void logits_tile(const HeadLogits& head, int64_t rows, int64_t first_row, int64_
     if (rows < Rows) return logits_tile<Rows - 1>(head, rows, first_row, panel, out, ld, row_max);
   }
   const float* bias = head.key_bias + panel * kPanelKeys;
+  const void* const* queries = head.rows + first_row;
 #if defined(CPU_CAPABILITY_AVX512)
   if (head.type == LogitType::kBFloat16) {
     const int64_t pairs = head.depth / 2;
-    const auto* queries = static_cast<const uint32_t*>(head.rows) + first_row * (head.row_stride / 2);
     const auto* keys = static_cast<const uint32_t*>(head.packed_keys) + panel * pairs * kPanelKeys;
-    return bfloat16_tile<Rows>(queries, head.row_stride / 2, keys, pairs, bias, head.scaling, out, ld, row_max);
+    return bfloat16_tile<Rows>(queries, keys, pairs, bias, head.scaling, out, ld, row_max);
   }
 #endif
-  const auto* queries = static_cast<const float*>(head.rows) + first_row * head.row_stride;
   const auto* keys = static_cast<const float*>(head.packed_keys) + panel * head.depth * kPanelKeys;
-  float_tile<Rows>(queries, head.row_stride, keys, head.depth, bias, head.scaling, out, ld, row_max);
+  float_tile<Rows>(queries, keys, head.depth, bias, head.scaling, out, ld, row_max);
 }
 
 // Logits of rows [first_row, first_row + rows) into logits (rows x padded_len), and each row's
@@ -386,16 +393,21 @@ void pack_keys(LogitType type, const void* keys, int64_t key_stride, int64_t seq
     const auto* source = static_cast<const uint16_t*>(keys);
     const int64_t pairs = (head_dim + 1) / 2;
     auto* out = static_cast<uint32_t*>(packed);
+    const int64_t whole_pairs = head_dim / 2;
     for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
       uint32_t* panel_out = out + panel * pairs * kPanelKeys;
       for (int64_t j = 0; j < kPanelKeys; ++j) {
         const int64_t t = panel * kPanelKeys + j;
-        const uint16_t* key = source + t * key_stride;
-        for (int64_t p = 0; p < pairs; ++p) {
-          const uint32_t low = t < seq_len ? key[2 * p] : 0;
-          const uint32_t high = t < seq_len && 2 * p + 1 < head_dim ? key[2 * p + 1] : 0;
-          panel_out[p * kPanelKeys + j] = low | (high << 16);
+        uint32_t* column = panel_out + j;
+        if (t >= seq_len) {
+          for (int64_t p = 0; p < pairs; ++p) column[p * kPanelKeys] = 0;
+          continue;
         }
+        const uint16_t* key = source + t * key_stride;
+        for (int64_t p = 0; p < whole_pairs; ++p) {
+          column[p * kPanelKeys] = key[2 * p] | (static_cast<uint32_t>(key[2 * p + 1]) << 16);
+        }
+        if (whole_pairs < pairs) column[whole_pairs * kPanelKeys] = key[head_dim - 1];
       }
     }
     return;
@@ -464,11 +476,13 @@ double sum_masses_below(const float* mass, int64_t n, float bound) {
   return sum.total();
 }
 
-// mass[t] = vote_mass(group_sum[t], anchor_sum[t], ...) (shiftkv_vote.h), a vector at a time.
-void vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
-                 int64_t group_size, bool anchor_in_groups, float* mass) {
+// mass[t] = vote_mass(group_sum[t], anchor_sum[t], ...) (shiftkv_vote.h), a vector at a time, and
+// their maximum (masses are finite and >= +0: the lanes past n, zero, do not change it).
+float vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
+                  int64_t group_size, bool anchor_in_groups, float* mass) {
   const DoubleVec heads(static_cast<double>(heads_per_kv));
   const DoubleVec members(static_cast<double>(group_size + 1));
+  Vec largest(0.0f);
   for (int64_t t = 0; t < n; t += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, n - t));
     DoubleVec sum_low, sum_high, anchor_low, anchor_high;
@@ -476,8 +490,11 @@ void vote_masses(const float* group_sum, const float* anchor_sum, int64_t n, int
     to_doubles(Vec::loadu(anchor_sum + t, count), anchor_low, anchor_high);
     const DoubleVec low = vote_mass_of(sum_low, anchor_low, heads, members, anchor_in_groups);
     const DoubleVec high = vote_mass_of(sum_high, anchor_high, heads, members, anchor_in_groups);
-    to_floats(low, high).store(mass + t, count);
+    const Vec masses = to_floats(low, high);
+    masses.store(mass + t, count);
+    largest = at::vec::maximum(largest, masses);
   }
+  return horizontal_max(largest);
 }
 
 // count (1..kLanes) elements as floats; the rest of the vector is zero.

@@ -4,8 +4,9 @@
 // one at run time from at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY.
 //
 // Layouts (padded_len = seq_len rounded up to panel_keys):
-// * rows: one KV head's query rows, row-major, row_stride elements apart: float32, or bfloat16 with
-//   the head dimension rounded up to even (zero-padded), read as 32-bit pairs.
+// * rows: one pointer per query row of one KV head, to depth contiguous elements: float32, or
+//   bfloat16 with the head dimension rounded up to even (zero-padded), read as 32-bit pairs (each
+//   row 4-byte aligned).
 // * packed keys (pack_keys): panels of panel_keys keys, each (depth, panel_keys) float32 or
 //   (depth / 2, panel_keys) bfloat16 pairs; keys past seq_len are zero.
 // * key_bias: (padded_len) float32, 0 for a real key, -inf for a padding key and for t >= seq_len;
@@ -28,8 +29,7 @@ enum class StateType : int32_t { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 struct HeadLogits {
   LogitType type;
-  const void* rows;
-  int64_t row_stride;  // elements between rows
+  const void* const* rows;  // n_rows pointers, one per query row
   int64_t depth;       // head_dim (bfloat16: rounded up to even)
   const void* packed_keys;
   const float* key_bias;
@@ -72,9 +72,9 @@ struct Kernels {
   double (*sum_masses_below)(const float* mass, int64_t n, float bound);
 
   // mass[t] = vote_mass(group_sum[t], anchor_sum[t], heads_per_kv, group_size, anchor_in_groups)
-  // (shiftkv_vote.h) for t < n, with the same float64 operations.
-  void (*vote_masses)(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
-                      int64_t group_size, bool anchor_in_groups, float* mass);
+  // (shiftkv_vote.h) for t < n (n >= 1), with the same float64 operations; returns the largest mass.
+  float (*vote_masses)(const float* group_sum, const float* anchor_sum, int64_t n, int64_t heads_per_kv,
+                       int64_t group_size, bool anchor_in_groups, float* mass);
 
   // Adds the float64 sums of d = x - shift and d^2 over rows [row_begin, row_end) of a row-major
   // (rows, cols) matrix: per column into sums[c], squares[c] with shift[c] (per_column), else over

@@ -537,16 +537,25 @@ def test_meta_tensors_give_the_output_shape_for_tracing() -> None:
     assert scores.shape == (1, 2, 10) and scores.dtype == torch.float32
 
 
-def test_non_contiguous_inputs() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_non_contiguous_inputs(dtype: torch.dtype, offset: int) -> None:
+    # The CPU op reads query rows in place where it can (contiguous elements; bfloat16: 4-byte aligned
+    # pairs) and copies the others: views with strided rows, an odd or even element offset, or
+    # transposed, score as their contiguous copies.
     generator = torch.Generator().manual_seed(11)
-    proxies = torch.randn(2, 16, 6, 80, generator=generator).transpose(1, 2)  # (2, 6, 16, 80)
-    keys = torch.randn(2, 3, 180, 80, generator=generator)[:, :, ::2]  # (2, 3, 90, 80)
-    last = torch.randn(2, 80, 6, generator=generator).transpose(1, 2)  # (2, 6, 80)
-    assert not any(t.is_contiguous() for t in (proxies, keys, last))
+    wide = torch.randn(2, 6, 16, 84, generator=generator).to(dtype)[..., offset : offset + 80]  # 84 apart
+    transposed = torch.randn(2, 16, 6, 80, generator=generator).to(dtype).transpose(1, 2)  # (2, 6, 16, 80)
+    keys = torch.randn(2, 3, 180, 80, generator=generator).to(dtype)[:, :, ::2]  # (2, 3, 90, 80)
+    last = torch.randn(2, 84, 6, generator=generator).to(dtype).transpose(1, 2)[..., offset : offset + 80]
     options = {"n_groups": 4, "tau": 0.8, "scaling": 80**-0.5, "anchor_in_groups": True}
-    op = shiftkv_scores(proxies, keys, last, backend="compiled", **options)
-    contiguous = (t.contiguous() for t in (proxies, keys, last))
-    assert torch.equal(op, shiftkv_scores(*contiguous, backend="compiled", **options))
+    for proxies in (wide, transposed):
+        assert not any(t.is_contiguous() for t in (proxies, keys, last))
+        op = shiftkv_scores(proxies, keys, last, backend="compiled", **options)
+        contiguous = (t.contiguous() for t in (proxies, keys, last))
+        assert torch.equal(op, shiftkv_scores(*contiguous, backend="compiled", **options))
+    rows = wide[0, 0]
+    assert torch.equal(logit_max(rows, keys[0, 0], 0.125), logit_max(rows.contiguous(), keys[0, 0], 0.125))
 
 
 @pytest.mark.parametrize("device", DEVICES)
