@@ -32,6 +32,7 @@ import torch
 from bench_layer_budgets import two_layer_model  # the script's directory is on sys.path
 from transformers import DynamicCache
 
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.presses import BudgetedPress
 from mmshiftkv.presses.chunked import ChunkedPrefill
 from mmshiftkv.registry import make_press
@@ -73,13 +74,18 @@ def prefill(model, embeds: torch.Tensor, press, chunk: int) -> tuple[float, Dyna
             start = time.perf_counter()
             if press is None:
                 for begin in range(0, length, chunk):
-                    model.model(inputs_embeds=embeds[:, begin : begin + chunk], past_key_values=cache)
+                    model.model(
+                        inputs_embeds=embeds[:, begin : begin + chunk], **cache_argument(model.model, cache)
+                    )
             else:
                 with press(model):
                     if chunk < length:
                         press.expect_prompt(length)
                     for begin in range(0, length, chunk):
-                        model.model(inputs_embeds=embeds[:, begin : begin + chunk], past_key_values=cache)
+                        model.model(
+                            inputs_embeds=embeds[:, begin : begin + chunk],
+                            **cache_argument(model.model, cache),
+                        )
             seconds = time.perf_counter() - start
     finally:
         ChunkedPrefill.add_layer = add_layer

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from mmshiftkv.cache import CompressedLayer, compressed_attention, compressed_sdpa, crop_to
+from mmshiftkv.cache import CompressedLayer, cache_argument, compressed_attention, compressed_sdpa, crop_to
 from mmshiftkv.presses.selection import select_kept_indices
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, MLP = 3584, 28, 4, 128, 18944
@@ -163,7 +163,7 @@ def measure(
         entry["ms_per_token"] = paired_timings(
             {
                 name: (
-                    functools.partial(model, input_ids=token, past_key_values=cache),
+                    functools.partial(model, input_ids=token, **cache_argument(model, cache)),
                     functools.partial(crop_to, cache, context),
                 )
                 for name, cache in caches.items()

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from mmshiftkv.allocators import MEDAAllocator
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.presses import BudgetedPress, SnapKVPress
 from mmshiftkv.registry import make_press
 
@@ -74,10 +75,10 @@ def prefill_seconds(model: Qwen2ForCausalLM, ids: torch.Tensor, press: BudgetedP
     start = time.perf_counter()
     with torch.no_grad():
         if press is None:
-            model(input_ids=ids, past_key_values=DynamicCache())
+            model(input_ids=ids, **cache_argument(model, DynamicCache()))
         else:
             with press(model):
-                model(input_ids=ids, past_key_values=DynamicCache())
+                model(input_ids=ids, **cache_argument(model, DynamicCache()))
     return time.perf_counter() - start
 
 

@@ -24,6 +24,7 @@ from bench_shiftkv_overhead import Clock, plain_prefill, qwen25vl_7b_layer
 from transformers import DynamicCache
 
 from mmshiftkv import LookMPress
+from mmshiftkv.cache import cache_argument
 
 BUDGET = 64
 
@@ -49,7 +50,7 @@ class StepTimer:
     def prefill(self, model, embeds: torch.Tensor) -> dict[str, float]:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
         with torch.no_grad(), self.press(model):
-            model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
+            model.model(inputs_embeds=embeds, **cache_argument(model.model, DynamicCache()))
         return dict(self.seconds)
 
 

@@ -43,6 +43,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from mmshiftkv import ShiftKVPress, SnapKVPress, ops
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.ops import compiled, precision
 
 BUDGET = 64
@@ -184,7 +185,7 @@ class ScoringTimer:
 
     def prefill(self, model, embeds: torch.Tensor) -> None:
         with torch.no_grad(), self.press(model):
-            model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
+            model.model(inputs_embeds=embeds, **cache_argument(model.model, DynamicCache()))
 
 
 def vote_agreement(args: tuple, options: dict, scores: torch.Tensor) -> dict:
@@ -214,7 +215,7 @@ def vote_agreement(args: tuple, options: dict, scores: torch.Tensor) -> dict:
 def plain_prefill(model, embeds: torch.Tensor, clock: Clock) -> float:
     def run() -> None:
         with torch.no_grad():
-            model.model(inputs_embeds=embeds, past_key_values=DynamicCache())
+            model.model(inputs_embeds=embeds, **cache_argument(model.model, DynamicCache()))
 
     return clock.time(run)
 

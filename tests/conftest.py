@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.testing import (
     FAMILIES,
     QUESTION,
@@ -36,6 +37,6 @@ def kvpress_own_hooks_run() -> None:
     try:
         press = kvpress.KnormPress(compression_ratio=0.5)
         with torch.no_grad(), kvpress_leftovers_removed(model), press(model):
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
     except KeyError as missing:
         pytest.skip(f"kvpress's own hook reads the attention keyword {missing}, which this release omits")

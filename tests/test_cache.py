@@ -23,7 +23,14 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from mmshiftkv.cache import CompressedLayer, attention, compressed_attention, compressed_sdpa, find_cache
+from mmshiftkv.cache import (
+    CompressedLayer,
+    attention,
+    cache_argument,
+    compressed_attention,
+    compressed_sdpa,
+    find_cache,
+)
 from mmshiftkv.cache.attention import compressed_flash_varlen
 from mmshiftkv.cache.compat import crop_to
 from mmshiftkv.cache.reading import READING
@@ -175,7 +182,7 @@ def test_decode_matches_masked_full_cache(family: str, implementation: str) -> N
         prompt_mask = None
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=prompt_mask, past_key_values=cache)
+        model(input_ids=input_ids, attention_mask=prompt_mask, **cache_argument(model, cache))
     reference_cache = copy.deepcopy(cache)
     compress_cache(cache, None if prompt_mask is None else prompt_mask.bool(), seq_len)
     layers = list(cache.layers)
@@ -196,7 +203,7 @@ def test_decode_matches_masked_full_cache(family: str, implementation: str) -> N
             if prompt_mask is not None:
                 mask = torch.cat([prompt_mask, torch.ones(batch, seen - seq_len, dtype=torch.long)], 1)
             with torch.no_grad():
-                out = model(input_ids=chunk, attention_mask=mask, past_key_values=past)
+                out = model(input_ids=chunk, attention_mask=mask, **cache_argument(model, past))
             logits.append(out.logits)
         return logits
 
@@ -252,14 +259,14 @@ def test_generate_with_compression_during_prefill() -> None:
     KEPT.clear()
     cache = DynamicCache()
     with torch.no_grad():
-        logits = model(input_ids=input_ids, past_key_values=cache).logits[:, -1]
+        logits = model(input_ids=input_ids, **cache_argument(model, cache)).logits[:, -1]
     for idx, layer in enumerate(cache.layers):
         KEPT[idx] = kept_mask(*random_selection(layer.keys, None, budgets[idx], seed=idx), 10)
     tokens, scores = [], [logits]
     with reference_implementation(model), torch.no_grad():
         for _ in range(4):
             tokens.append(scores[-1].argmax(-1, keepdim=True))
-            scores.append(model(input_ids=tokens[-1], past_key_values=cache).logits[:, -1])
+            scores.append(model(input_ids=tokens[-1], **cache_argument(model, cache)).logits[:, -1])
     tokens.append(scores[-1].argmax(-1, keepdim=True))
     assert torch.equal(out.sequences[:, 10:], torch.cat(tokens, 1))
     for got, want in zip(out.scores, scores):

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator, SparseMMAllocator, UniformAllocator
-from mmshiftkv.cache import CompressedLayer
+from mmshiftkv.cache import CompressedLayer, cache_argument
 from mmshiftkv.presses import BudgetPress, ExternalScorerPress, FullKVPress, ShiftKVPress
 from mmshiftkv.registry import PRESSES
 from mmshiftkv.testing import QUESTION, greedy, make_inputs, tiny
@@ -78,7 +78,7 @@ def test_ada_counts_follow_the_press_scores_and_keep_the_total():
     )
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     kv_heads = model.config.get_text_config().num_key_value_heads
     per_layer = press.stats.kept.sum(-1)[:, 0]
     # Floor int(B' * alpha) and rounding move the total by less than one token per head.
@@ -93,7 +93,7 @@ def test_head_wise_budgets_hold_only_the_kept_tokens(family: str):
     press = ShiftKVPress(budget=BUDGET, allocator=AdaAllocator(window=WINDOW), n_proxies=64, n_groups=8)
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     config = model.config.get_text_config()
     head_dim = config.hidden_size // config.num_attention_heads
     for layer_idx, layer in enumerate(cache.layers):

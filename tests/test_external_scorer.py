@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import PyramidAllocator
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.presses import BudgetedPress, ExternalScorerPress, PressUsageError
 from mmshiftkv.testing import QUESTION, build_tiny_model, make_inputs
 
@@ -53,7 +54,7 @@ def test_scorer_gets_the_decoders_rotary_embedding_and_the_model_is_left_as_it_w
     seq_len = inputs["input_ids"].shape[1]
     scorer = FutureRotaryScorer()
     with torch.no_grad(), ExternalScorerPress(press=scorer, budget=BUDGET)(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     assert len(scorer.tables) == len(model.model.layers)
     future = torch.arange(seq_len, seq_len + 8)
     expected_cos, expected_sin = rope_by_hand(model.model.rotary_emb.inv_freq, future)
@@ -82,7 +83,7 @@ def test_refusals_leave_no_rotary_embedding_behind(untouched_llama):
         torch.no_grad(),
         ExternalScorerPress(press=FutureRotaryScorer(), budget=BUDGET)(model),
     ):
-        model(**right_padded, past_key_values=DynamicCache())
+        model(**right_padded, **cache_argument(model, DynamicCache()))
     assert not any(hasattr(layer.self_attn, "rotary_emb") for layer in model.model.layers)
 
 
@@ -101,7 +102,7 @@ def test_a_rotary_embedding_left_by_kvpress_stays_and_a_layers_own_is_not_replac
                 return super().score(module, *args) if module is first else -args[1].norm(dim=-1)
 
         with torch.no_grad(), ExternalScorerPress(press=Recorder(), budget=BUDGET)(model):
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
         assert seen[0] is not model.model.rotary_emb and seen[1] is own
         assert first.rotary_emb is model.model.rotary_emb and second.rotary_emb is own
     finally:
@@ -133,7 +134,7 @@ def test_rotary_calls_made_while_scoring_do_not_replace_the_prompt_positions(unt
     press = PositionRecordingPress(budget=BUDGET)
     try:
         with torch.no_grad(), press(model):
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
     finally:
         hook.remove()
     prompt = given[0]  # the model's own call, before the first layer
@@ -169,7 +170,7 @@ def test_a_ratio_reading_scorer_gets_the_ratio_of_the_budget(untouched_llama, bu
     scorer = StreamingLLMPress(compression_ratio=0.25)
     press = ExternalScorerPress(press=scorer, budget=budget)
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     # StreamingLLM: the 4 sinks and the budget - 4 most recent tokens, on every head of every layer.
     expected = torch.cat([torch.arange(4), torch.arange(seq_len - budget + 4, seq_len)])
     for indices in press.stats.indices:

@@ -24,7 +24,7 @@ from mmshiftkv.testing import (
 
 kvpress = pytest.importorskip("kvpress")
 
-from mmshiftkv.cache import CompressedLayer  # noqa: E402
+from mmshiftkv.cache import CompressedLayer, cache_argument  # noqa: E402
 from mmshiftkv.interop.kvpress import to_kvpress  # noqa: E402
 from mmshiftkv.presses import (  # noqa: E402
     ExpectedAttentionPress,
@@ -42,7 +42,7 @@ BUDGET = 8
 def prefill(model, inputs: dict, press) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad(), kvpress_leftovers_removed(model), press(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     return cache
 
 
@@ -51,7 +51,7 @@ def test_kvpress_scorer_under_our_budget_keeps_its_top_scores():
     inputs = make_inputs("llama", processor, [QUESTION])
     plain = DynamicCache()
     with torch.no_grad():
-        model(**inputs, past_key_values=plain)
+        model(**inputs, **cache_argument(model, plain))
     cache = prefill(model, inputs, ExternalScorerPress(press=kvpress.KnormPress(), budget=BUDGET))
     for layer_idx, layer in enumerate(cache.layers):
         assert isinstance(layer, CompressedLayer)
@@ -158,7 +158,7 @@ def model_positions(model, inputs: dict) -> torch.Tensor:
     hook = model.model.language_model.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
     finally:
         hook.remove()
     return given[0]

@@ -32,6 +32,7 @@ from kvpress.presses.expected_attention_with_stats import ExpectedAttentionStats
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel  # noqa: E402
 from kvpress.presses.qfilter_press import QFilters  # noqa: E402
 
+from mmshiftkv.cache import cache_argument  # noqa: E402
 from mmshiftkv.presses import ExternalScorerPress  # noqa: E402
 
 BUDGET = 16
@@ -118,7 +119,7 @@ def compressed_indices(name: str, model, inputs: dict) -> list[torch.Tensor]:
     before = [getattr(layer.self_attn, "rotary_emb", None) for layer in model.model.layers]
     torch.manual_seed(0)  # LeverageScore and Compactor sketch with the global generator
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     # The rotary_emb attached for the scorer is gone (a leftover of kvpress's own __call__ stays).
     assert [getattr(layer.self_attn, "rotary_emb", None) for layer in model.model.layers] == before
     return press.stats.indices
@@ -159,7 +160,7 @@ def test_scorer_keeps_our_rule_on_the_scores_of_kvpress_own_compression(
 
     plain = DynamicCache()
     with torch.no_grad():
-        model(**inputs, past_key_values=plain)
+        model(**inputs, **cache_argument(model, plain))
     # Under ExternalScorerPress PyramidKV scores as SnapKV (the layer schedule is an allocator's job):
     # compare with the scores of kvpress's own PyramidKV run, whose per-layer counts differ.
     theirs = SCORERS[name]()
@@ -170,7 +171,7 @@ def test_scorer_keeps_our_rule_on_the_scores_of_kvpress_own_compression(
     cache = DynamicCache()
     torch.manual_seed(0)
     with torch.no_grad(), kvpress_leftovers_removed(model), theirs(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     assert len(scores) == len(model.model.layers)
     for layer_idx, layer_scores in enumerate(scores):
         kvpress_keys = cache.layers[layer_idx].keys

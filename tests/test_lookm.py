@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator
-from mmshiftkv.cache import CompressedLayer, returned_cache
+from mmshiftkv.cache import CompressedLayer, cache_argument, returned_cache
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import LookMPress, PressUsageError, ScoringState, UnsupportedCacheError
 from mmshiftkv.presses.attention import attention_column_sums
@@ -143,7 +143,7 @@ def test_score_is_the_accumulated_attention_of_the_models_own_softmax(family: st
         attentions = model(**inputs, output_attentions=True).attentions
     press = RecordingLookM(budget=8)
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     assert press.recorded
     real = query_real(inputs)
     kv_heads = model.config.get_text_config().num_key_value_heads
@@ -195,7 +195,7 @@ def test_text_outranks_image_and_each_class_ranks_by_accumulated_attention(budge
     image = media_mask(model, inputs["input_ids"])
     press = RecordingLookM(budget=budget)
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=DynamicCache())
+        model(**inputs, **cache_argument(model, DynamicCache()))
     assert torch.equal(press.image_masks[0], image)
     check_priority(press, inputs, image, share=0.5)
     kept_images = [int(image[0, idx[0, 0]].sum()) for idx in press.stats.indices]
@@ -212,7 +212,7 @@ def test_text_only_prompts_are_ranked_as_by_h2o():
     for text_prior in (True, False):
         press = RecordingLookM(budget=12, text_prior=text_prior, merging=None)
         with torch.no_grad(), press(model):
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
         check_priority(press, inputs, torch.zeros_like(inputs["input_ids"], dtype=torch.bool), share=0.5)
         kept.append(press.stats.indices)
     assert all(torch.equal(a, b) for a, b in zip(*kept))
@@ -279,9 +279,9 @@ def test_low_precision_models_merge_like_float32(dtype: torch.dtype):
     full, cache = DynamicCache(), DynamicCache()
     press = LookMPress(budget=12, merging="weighted")
     with torch.no_grad():
-        model(**inputs, past_key_values=full)
+        model(**inputs, **cache_argument(model, full))
         with press(model):
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **cache_argument(model, cache))
             assert greedy(model, inputs, max_new_tokens=2).shape[0] == 2
     key_mask = query_real(inputs)
     for layer, compressed in enumerate(cache.layers):
@@ -304,16 +304,19 @@ def test_a_prompt_given_as_embeddings_is_refused_by_the_text_prior_unless_the_mo
     ids = tokenizer([QUESTION], return_tensors="pt").input_ids
     embeds = model.get_input_embeddings()(ids)
     with pytest.raises(PressUsageError, match="no input_ids"), torch.no_grad(), LookMPress(budget=8)(model):
-        model(inputs_embeds=embeds, past_key_values=DynamicCache())
+        model(inputs_embeds=embeds, **cache_argument(model, DynamicCache()))
     press = LookMPress(budget=8, text_prior=False)
     with torch.no_grad(), press(model):
-        model(inputs_embeds=embeds, past_key_values=DynamicCache())
+        model(inputs_embeds=embeds, **cache_argument(model, DynamicCache()))
     assert press.stats.compressed
     text_model, text_tokenizer = tiny("llama")
     text_ids = text_tokenizer([QUESTION], return_tensors="pt").input_ids
     press = LookMPress(budget=8)
     with torch.no_grad(), press(text_model):
-        text_model(inputs_embeds=text_model.get_input_embeddings()(text_ids), past_key_values=DynamicCache())
+        text_model(
+            inputs_embeds=text_model.get_input_embeddings()(text_ids),
+            **cache_argument(text_model, DynamicCache()),
+        )
     assert press.stats.compressed
 
 

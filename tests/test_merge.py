@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator
-from mmshiftkv.cache import CompressedLayer
+from mmshiftkv.cache import CompressedLayer, cache_argument
 from mmshiftkv.presses import LookMPress, select_kept_indices
 from mmshiftkv.presses.merge import evicted_indices, merge_evicted
 from mmshiftkv.testing import QUESTION, make_inputs, tiny
@@ -191,7 +191,7 @@ def stored_rows(layer: CompressedLayer, b: int, h: int) -> tuple[torch.Tensor, t
 def prefill(model, inputs: dict, press=None) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     return cache
 
 
@@ -270,10 +270,15 @@ def test_decode_after_a_merge_equals_attention_over_the_merged_tensors_by_hand(a
     positions = torch.full((2, 1), inputs["input_ids"].shape[1])
     try:
         with torch.no_grad(), press(model):
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **cache_argument(model, cache))
             captured.clear()
             mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
-            model(input_ids=next_token, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            model(
+                input_ids=next_token,
+                attention_mask=mask,
+                position_ids=positions,
+                **cache_argument(model, cache),
+            )
     finally:
         for hook in hooks:
             hook.remove()

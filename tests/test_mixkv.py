@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from mmshiftkv.allocators import AdaAllocator, PyramidAllocator
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.evaluation.calibrate import main as calibrate_main
 from mmshiftkv.evaluation.config import EvalConfig, plan_runs
 from mmshiftkv.evaluation.redundancy import compute_redundancy_scores
@@ -272,7 +273,7 @@ def test_mean_pairwise_cosine_is_the_references_online_value_and_the_pairwise_me
 def prefill(model, inputs: dict, press: BudgetedPress) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     return cache
 
 
@@ -317,7 +318,7 @@ def test_paper_default_equals_a_plain_recomputation_from_the_models_attention(fa
     model, processor = tiny(family, "eager")
     inputs = make_inputs(family, processor, [QUESTION])
     with torch.no_grad():
-        plain = model(**inputs, output_attentions=True, past_key_values=DynamicCache())
+        plain = model(**inputs, output_attentions=True, **cache_argument(model, DynamicCache()))
     adapter = get_adapter(model)
     budget, window = 14, 6
     path = redundancy_file(tmp_path / "redundancy.json", adapter.n_layers, adapter.n_kv_heads)
@@ -526,7 +527,7 @@ def test_redundancy_calibration_equals_a_plain_recomputation():
         inputs = encode_messages(processor, [conversation])
         cache = DynamicCache()
         with torch.no_grad():
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **cache_argument(model, cache))
         for layer in range(2):
             for kind in ("key", "value"):
                 states = getattr(cache.layers[layer], f"{kind}s")[0].double()

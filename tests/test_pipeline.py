@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, pipeline
 
 import mmshiftkv.pipelines  # noqa: F401 - registers the pipeline
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.presses import KeyDiffPress, SnapKVPress
 from mmshiftkv.testing import VISION_FAMILIES, synthetic_image, tiny
 
@@ -23,7 +24,9 @@ def reference_generate(model, processor, images, question, press=None, max_new_t
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(images=images, text=[text], return_tensors="pt")
-    kwargs = dict(**inputs, past_key_values=DynamicCache(), max_new_tokens=max_new_tokens, do_sample=False)
+    kwargs = dict(
+        **inputs, **cache_argument(model, DynamicCache()), max_new_tokens=max_new_tokens, do_sample=False
+    )
     if press is None:
         output = model.generate(**kwargs)
     else:

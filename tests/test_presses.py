@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from mmshiftkv.cache import CompressedLayer
+from mmshiftkv.cache import CompressedLayer, cache_argument
 from mmshiftkv.models import get_adapter
 from mmshiftkv.models.positions import rope_index
 from mmshiftkv.presses import (
@@ -46,10 +46,10 @@ def prefill(model, inputs: dict, press=None) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad():
         if press is None:
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **cache_argument(model, cache))
         else:
             with press(model):
-                model(**inputs, past_key_values=cache)
+                model(**inputs, **cache_argument(model, cache))
     return cache
 
 
@@ -317,7 +317,7 @@ def test_caches_a_press_cannot_compress_are_refused_by_name():
     ):
         model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
     with pytest.raises(UnsupportedCacheError, match="transformers Cache"), SnapKVPress(budget=BUDGET)(model):
-        model(**inputs, past_key_values=[])
+        model(**inputs, **cache_argument(model, []))
 
 
 def test_sliding_window_layers_keep_their_window_and_decoding_past_a_window_is_refused():
@@ -332,7 +332,10 @@ def test_sliding_window_layers_keep_their_window_and_decoding_past_a_window_is_r
     press = SnapKVPress(budget=BUDGET)
     with press(model), pytest.warns(CompressionSkippedWarning), torch.no_grad():
         pressed = model.generate(
-            **inputs, max_new_tokens=3, do_sample=False, past_key_values=DynamicCache(config=model.config)
+            **inputs,
+            max_new_tokens=3,
+            do_sample=False,
+            **cache_argument(model, DynamicCache(config=model.config)),
         )
     assert torch.equal(plain, pressed) and not press.stats.compressed
 

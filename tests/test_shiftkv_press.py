@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import mmshiftkv.presses.shiftkv as shiftkv_module
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.models.adapter import get_adapter
 from mmshiftkv.models.positions import rope_index
 from mmshiftkv.ops.reference import group_attention_mass, shiftkv_scores_reference
@@ -21,7 +22,7 @@ SMALL = dict(n_proxies=64, n_groups=8)
 def prefill(model, inputs: dict, press) -> DynamicCache:
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_argument(model, cache))
     return cache
 
 

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from mmshiftkv.allocators import QueryBlock, UniformAllocator, VLCacheAllocator
 from mmshiftkv.allocators.layer_budgets import post_vision_queries
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.models import get_adapter
 from mmshiftkv.presses import VLCachePress
 from mmshiftkv.registry import make_allocator, make_press
@@ -143,7 +144,7 @@ def test_press_and_sparsity_equal_the_models_own_attention(family: str):
     allocated = make_press("vlcache", budget=len(rows) + extra)
     for press in (uniform, allocated):
         with press(model), torch.no_grad():
-            model(**inputs, past_key_values=DynamicCache())
+            model(**inputs, **cache_argument(model, DynamicCache()))
     kv_heads = get_adapter(model).n_kv_heads
     for ordinal, module in enumerate(get_adapter(model).attention_modules):
         if getattr(module, "sliding_window", None):
@@ -213,7 +214,7 @@ def test_prompt_given_as_embeddings_only_is_refused_clearly():
         make_press("vlcache", budget=8)(model),
         torch.no_grad(),
     ):
-        model(inputs_embeds=embeddings, past_key_values=DynamicCache())
+        model(inputs_embeds=embeddings, **cache_argument(model, DynamicCache()))
 
 
 def test_registry_builds_the_paper_configuration_unless_told_otherwise():

@@ -5,7 +5,7 @@ Typical use (a press does this for you)::
     layer = CompressedLayer.from_selection(keys, values, indices, lengths)
     cache.layers[layer_idx] = layer
     with compressed_attention(model):
-        model.generate(..., past_key_values=cache)
+        model.generate(..., **cache_argument(model, cache))
 """
 
 from mmshiftkv.cache.attention import compressed_flash_varlen, compressed_sdpa, tail_visibility

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from mmshiftkv.cache import cache_argument
 from mmshiftkv.testing.classic_models import llava, qwen_vl, text_decoder
 from mmshiftkv.testing.newer_models import (
     gemma3,
@@ -152,7 +153,7 @@ def capture_attention_calls(model: nn.Module, inputs: dict) -> tuple[list[dict],
     cache = DynamicCache()
     try:
         with torch.no_grad():
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **cache_argument(model, cache))
     finally:
         for hook in hooks:
             hook.remove()
