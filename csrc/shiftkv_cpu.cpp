@@ -2,7 +2,8 @@
 //
 // Stage 1, per (batch, KV head): the query rows (every group's r*g proxy rows in group order, then
 // the r anchor rows) and the keys are converted once to the logits GEMM's type: bfloat16 where the
-// inputs are bfloat16 and the CPU has native bfloat16 dot products (AVX512-BF16), float32 otherwise
+// inputs are bfloat16 and the CPU has AMX tiles (through ATen's oneDNN brgemm) or native bfloat16
+// dot products (AVX512-BF16), float32 otherwise
 // (bfloat16 and float16 products are exact in float32, so both GEMMs accumulate the same exact
 // products in float32). The keys are packed into panels, then at::parallel_for runs the per-ISA
 // kernels (shiftkv_cpu_kernels.h) over blocks of whole groups, the anchor rows being one more block:
@@ -15,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,7 +37,7 @@ namespace mmshiftkv {
 namespace {
 
 constexpr int64_t kBlockFloats = int64_t{1} << 17;  // 512 KiB of float32 logits per row block
-constexpr int64_t kMaxBlockRows = 192;
+constexpr int64_t kMaxBlockRows = 192;  // a multiple of every kernel's micro-tile rows and of kTileRows
 constexpr int64_t kPackGrain = 16;  // panels per packing task
 constexpr int64_t kMomentShiftRows = 64;   // rows whose mean is the statistics' shift
 constexpr int64_t kMomentChunkRows = 256;  // rows per chunk of partial sums, at least
@@ -58,25 +60,36 @@ const cpu::Kernels& cpu_kernels() {
   return kernels;
 }
 
+// Asked at every call: ATen's brgemm runs AMX tiles only while oneDNN is enabled
+// (torch.backends.mkldnn) and its effective ISA (ONEDNN_MAX_CPU_ISA) includes AMX.
 cpu::LogitType logit_type(const cpu::Kernels& kernels, at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && kernels.has_bf16_gemm ? cpu::LogitType::kBFloat16 : cpu::LogitType::kFloat;
+  if (dtype != at::kBFloat16) return cpu::LogitType::kFloat;
+  if (kernels.has_bf16_tiles && at::native::cpublas::could_pack(at::kBFloat16)) return cpu::LogitType::kBFloat16Tiles;
+  return kernels.has_bf16_gemm ? cpu::LogitType::kBFloat16 : cpu::LogitType::kFloat;
 }
 
 std::string kernel_name(at::ScalarType dtype) {
   const cpu::Kernels& kernels = cpu_kernels();
-  const bool bf16 = logit_type(kernels, dtype) == cpu::LogitType::kBFloat16;
-  return std::string(kernels.isa) + (bf16 ? "_bf16" : "");
+  switch (logit_type(kernels, dtype)) {
+    case cpu::LogitType::kBFloat16Tiles:
+      return std::string(kernels.isa) + "_amx_bf16";
+    case cpu::LogitType::kBFloat16:
+      return std::string(kernels.isa) + "_bf16";
+    default:
+      return kernels.isa;
+  }
 }
 
 int64_t padded_length(const cpu::Kernels& kernels, int64_t seq_len) {
   return (seq_len + kernels.panel_keys - 1) / kernels.panel_keys * kernels.panel_keys;
 }
 
-// Rows per block: a multiple of the micro-tile's rows whose logits fit in about kBlockFloats floats.
-// It depends on the shapes only, not on the thread count.
-int64_t block_rows(const cpu::Kernels& kernels, int64_t padded_len) {
-  const int64_t rows = kBlockFloats / padded_len / kernels.micro_rows * kernels.micro_rows;
-  return std::clamp(rows, kernels.micro_rows, kMaxBlockRows);
+// Rows per block: a multiple of the micro-tile's rows (AMX: of a tile's) whose logits fit in about
+// kBlockFloats floats, at least one micro-tile (tile). It depends on the shapes only, not on the thread count.
+int64_t block_rows(const cpu::Kernels& kernels, cpu::LogitType type, int64_t padded_len) {
+  const int64_t unit = type == cpu::LogitType::kBFloat16Tiles ? cpu::kTileRows : kernels.micro_rows;
+  const int64_t rows = kBlockFloats / padded_len / unit * unit;
+  return std::clamp(rows, unit, kMaxBlockRows);
 }
 
 // (padded_len) float32: 0 for a real key, -inf for a padding key and past seq_len.
@@ -93,7 +106,7 @@ at::Tensor key_bias(const bool* real_key, int64_t seq_len, int64_t padded_len) {
 // scoring dtype; rows in the row-major order of its leading dimensions) one after the other. Parts
 // already in the GEMM's type with contiguous rows (bfloat16: whole, 4-byte aligned pairs) are read
 // in place; the others are copied and converted once into a buffer (bfloat16 rows padded to whole
-// pairs with a zero element).
+// pairs with a zero element). AMX tiles read every row from one buffer.
 struct GemmRows {
   at::Tensor buffer;    // converted rows, where a part needed them
   std::vector<const void*> addresses;  // of each row
@@ -128,11 +141,11 @@ void append_row_addresses(const at::Tensor& part, int64_t element_size, std::vec
 }
 
 GemmRows gemm_rows(cpu::LogitType type, std::initializer_list<at::Tensor> parts, int64_t head_dim) {
-  const bool bf16 = type == cpu::LogitType::kBFloat16;
+  const bool bf16 = type != cpu::LogitType::kFloat;
   const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kFloat;
   const int64_t element_size = bf16 ? 2 : 4;
   GemmRows rows;
-  bool in_place = true;
+  bool in_place = type != cpu::LogitType::kBFloat16Tiles;
   int64_t n_rows = 0;
   for (const at::Tensor& part : parts) {
     in_place = in_place && readable_in_place(part, dtype);
@@ -173,11 +186,12 @@ PreparedHead prepare_head(const cpu::Kernels& kernels, cpu::LogitType type, Gemm
   PreparedHead head;
   head.rows = std::move(rows);
   // pack_keys reads rows of contiguous elements, any row stride.
-  const at::ScalarType key_type = type == cpu::LogitType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const bool bf16 = type != cpu::LogitType::kFloat;
+  const at::ScalarType key_type = bf16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor converted_keys =
       keys.scalar_type() == key_type && keys.stride(1) == 1 ? keys : keys.to(key_type).contiguous();
   const int64_t key_stride = converted_keys.stride(0);
-  if (type == cpu::LogitType::kBFloat16) {
+  if (bf16) {
     head.packed_keys = at::empty({padded_len * depth / 2}, keys.options().dtype(at::kInt));
   } else {
     head.packed_keys = at::empty({padded_len * depth}, keys.options().dtype(at::kFloat));
@@ -201,7 +215,7 @@ at::Tensor workspace(const cpu::Kernels& kernels, int64_t rows, int64_t padded_l
 // the thread count; the anchor's rows are the last block.
 void head_probability_sums(const cpu::Kernels& kernels, const cpu::HeadLogits& head, const cpu::HeadSums& out,
                            int64_t n_rows) {
-  const int64_t rows = block_rows(kernels, head.padded_len);
+  const int64_t rows = block_rows(kernels, head.type, head.padded_len);
   const int64_t per_group = out.rows_per_group;
   const int64_t groups_per_block = std::max<int64_t>(1, rows / per_group);
   const int64_t group_blocks = (out.n_groups + groups_per_block - 1) / groups_per_block;
@@ -323,7 +337,7 @@ at::Tensor shiftkv_logit_max_cpu(const at::Tensor& queries, const at::Tensor& ke
   const PreparedHead head =
       prepare_head(kernels, type, gemm_rows(type, {queries}, queries.size(1)), keys, bias, scaling);
   at::Tensor maxima = at::empty({queries.size(0)}, queries.options().dtype(at::kFloat));
-  const int64_t rows = block_rows(kernels, padded);
+  const int64_t rows = block_rows(kernels, type, padded);
   at::parallel_for(0, queries.size(0), rows, [&](int64_t begin, int64_t end) {
     at::Tensor space = workspace(kernels, rows, padded);
     kernels.logit_max(head.logits, begin, end, rows, space.data_ptr<float>(), maxima.data_ptr<float>() + begin);

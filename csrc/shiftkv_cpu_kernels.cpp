@@ -5,14 +5,18 @@
 // AVX-512, 8 on AVX2 and plain scalar loops on DEFAULT. Per block of query rows (sized so its logits
 // stay in the L2 cache):
 // 1. logits: a register-blocked GEMM of the rows against one head's packed keys (float32 FMAs, or on
-//    CPUs with AVX512-BF16 bfloat16 dot products with float32 accumulation), scaled and masked in the
-//    tile epilogue, which also keeps each row's running maximum;
+//    CPUs with AVX512-BF16 bfloat16 dot products with float32 accumulation; on CPUs with AMX, AMX tiles
+//    through ATen's oneDNN brgemm), scaled and masked in the tile epilogue, which also keeps each row's
+//    running maximum;
 // 2. one pass per row: exp(logit - max) in place, the row sum in float64;
 // 3. one pass per slot: the probability sum over the slot's rows, column tiles in registers.
 #include "shiftkv_cpu_kernels.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/native/CPUBlas.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -322,10 +326,42 @@ void logits_tile(const HeadLogits& head, int64_t rows, int64_t first_row, int64_
   float_tile<Rows>(queries, keys, head.depth, bias, head.scaling, out, ld, row_max);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// kBFloat16Tiles: each panel's (rows x kPanelKeys) dot products by one brgemm call on AMX tiles (the
+// packed panel is its VNNI operand), then the float path's epilogue row by row while they are in L1.
+void tile_block_logits(const HeadLogits& head, int64_t first_row, int64_t rows, float* logits, float* row_max) {
+  const int64_t ld = head.padded_len;
+  const auto* queries = static_cast<const at::BFloat16*>(head.rows[first_row]);
+  for (int64_t panel = 0; panel * kPanelKeys < ld; ++panel) {
+    const auto* keys = static_cast<const at::BFloat16*>(head.packed_keys) + panel * head.depth * kPanelKeys;
+    float* out = logits + panel * kPanelKeys;
+    at::native::cpublas::brgemm(rows, kPanelKeys, head.depth, head.depth, kPanelKeys, ld, false, queries, keys, out,
+                                true);
+    const float* bias = head.key_bias + panel * kPanelKeys;
+    for (int64_t i = 0; i < rows; ++i) {
+      Vec dots[1][kMicroVectors];
+#pragma GCC unroll 4
+      for (int j = 0; j < kMicroVectors; ++j) dots[0][j] = Vec::loadu(out + i * ld + j * kLanes);
+      store_tile<1>(dots, bias, head.scaling, out + i * ld, ld, row_max + i * kLanes);
+    }
+  }
+}
+#endif
+
+// The AMX state a thread configured for kBFloat16Tiles, given back when its rows are done.
+void release_tiles([[maybe_unused]] const HeadLogits& head) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (head.type == LogitType::kBFloat16Tiles) at::native::cpublas::brgemm_release(true);
+#endif
+}
+
 // Logits of rows [first_row, first_row + rows) into logits (rows x padded_len), and each row's
 // running maximum (rows x kLanes floats). Panels outermost: a panel stays in L1 across the block.
 void block_logits(const HeadLogits& head, int64_t first_row, int64_t rows, float* logits, float* row_max) {
   std::fill(row_max, row_max + rows * kLanes, kNegInf);
+#if defined(CPU_CAPABILITY_AVX512)
+  if (head.type == LogitType::kBFloat16Tiles) return tile_block_logits(head, first_row, rows, logits, row_max);
+#endif
   const int64_t ld = head.padded_len;
   for (int64_t panel = 0; panel * kPanelKeys < head.padded_len; ++panel) {
     for (int64_t i = 0; i < rows; i += kMicroRows) {
@@ -388,7 +424,7 @@ void add_weighted_rows(const float* rows, int64_t n_rows, int64_t ld, const floa
 
 void pack_keys(LogitType type, const void* keys, int64_t key_stride, int64_t seq_len, int64_t head_dim,
                int64_t panel_begin, int64_t panel_end, void* packed) {
-  if (type == LogitType::kBFloat16) {
+  if (type != LogitType::kFloat) {
     // (pairs, kPanelKeys) 32-bit pairs per panel: key t's elements 2p (low half) and 2p + 1.
     const auto* source = static_cast<const uint16_t*>(keys);
     const int64_t pairs = (head_dim + 1) / 2;
@@ -450,6 +486,7 @@ void accumulate_softmax(const HeadLogits& head, const HeadSums& out, int64_t row
       i = end;
     }
   }
+  release_tiles(head);
 }
 
 void logit_max(const HeadLogits& head, int64_t row_begin, int64_t row_end, int64_t block_rows, float* workspace,
@@ -461,6 +498,7 @@ void logit_max(const HeadLogits& head, int64_t row_begin, int64_t row_end, int64
     block_logits(head, r0, rows, logits, row_max);
     for (int64_t i = 0; i < rows; ++i) max_out[r0 - row_begin + i] = horizontal_max(Vec::loadu(row_max + i * kLanes));
   }
+  release_tiles(head);
 }
 
 // Pairs of vectors are added in float32 first: one rounding, and the sum still grows with bound.
@@ -767,7 +805,9 @@ const Kernels& MMSHIFTKV_PASTE(kernels_, CPU_CAPABILITY)() {
       MMSHIFTKV_PASTE(MMSHIFTKV_ISA_NAME_, CPU_CAPABILITY),
 #if defined(CPU_CAPABILITY_AVX512)
       cpu_has_avx512_bf16(),
+      true,
 #else
+      false,
       false,
 #endif
       kPanelKeys,

@@ -6,9 +6,9 @@
 // Layouts (padded_len = seq_len rounded up to panel_keys):
 // * rows: one pointer per query row of one KV head, to depth contiguous elements: float32, or
 //   bfloat16 with the head dimension rounded up to even (zero-padded), read as 32-bit pairs (each
-//   row 4-byte aligned).
+//   row 4-byte aligned); for kBFloat16Tiles the rows of one head are one buffer, depth elements apart.
 // * packed keys (pack_keys): panels of panel_keys keys, each (depth, panel_keys) float32 or
-//   (depth / 2, panel_keys) bfloat16 pairs; keys past seq_len are zero.
+//   (depth / 2, panel_keys) bfloat16 pairs (the VNNI layout AMX tiles read); keys past seq_len are zero.
 // * key_bias: (padded_len) float32, 0 for a real key, -inf for a padding key and for t >= seq_len;
 //   added to every logit, so masked logits are -inf and take no attention.
 // * sums: (n_groups + 1, padded_len) float32 probability sums, slot-major (slot n_groups: anchor).
@@ -21,7 +21,11 @@ namespace mmshiftkv::cpu {
 enum class LogitType : int32_t {
   kFloat = 0,     // float32 rows and keys, float32 GEMM
   kBFloat16 = 1,  // bfloat16 rows and keys, bfloat16 GEMM with float32 accumulation
+  kBFloat16Tiles = 2,  // the same on AMX tiles, through ATen's oneDNN brgemm
 };
+
+// Row blocks of kBFloat16Tiles are a multiple of an AMX tile's rows.
+constexpr int64_t kTileRows = 16;
 
 // Element types of the prompt states whose moments the kernels sum, of weights (weight_products) and of
 // the affine rows and rotated queries of affine_rotate_half_row.
@@ -48,6 +52,7 @@ struct HeadSums {
 struct Kernels {
   const char* isa;         // "default", "avx2", "avx512"
   bool has_bf16_gemm;      // LogitType::kBFloat16 is supported (the CPU has native bfloat16 dot products)
+  bool has_bf16_tiles;     // LogitType::kBFloat16Tiles is compiled in (the driver asks ATen whether it runs)
   int64_t panel_keys;      // keys per packed panel; padded_len is a multiple of it
   int64_t micro_rows;      // rows per GEMM micro-tile; row blocks are best a multiple of it
   int64_t workspace_floats_per_row;  // per block row, beyond padded_len logits

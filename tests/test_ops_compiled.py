@@ -388,8 +388,36 @@ def test_cpu_kernel_follows_the_aten_capability() -> None:
     flags = _cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo: cannot tell whether the CPU has AVX512-BF16")
-    native_bf16 = expected == "avx512" and "avx512_bf16" in flags
-    assert cpu_kernel(torch.bfloat16) == expected + ("_bf16" if native_bf16 else "")
+    assert cpu_kernel(torch.bfloat16) == expected + _bf16_suffix(expected, flags)
+
+
+def _bf16_suffix(kernel: str, flags: set[str]) -> str:
+    """The bfloat16 GEMM the AVX-512 kernel is expected to pick: AMX tiles (ATen's oneDNN brgemm, while
+    oneDNN is enabled and its ISA is not capped), else AVX512-BF16 dot products, else float32."""
+    if kernel != "avx512":
+        return ""
+    tiles = {"amx_tile", "amx_bf16"} <= flags and "ONEDNN_MAX_CPU_ISA" not in os.environ
+    if tiles and torch.backends.mkldnn.enabled:
+        return "_amx_bf16"
+    return "_bf16" if "avx512_bf16" in flags else ""
+
+
+def test_bfloat16_gemm_falls_back_while_onednn_is_disabled() -> None:
+    # AMX tiles run through oneDNN: with it disabled the op must pick another GEMM, not fail.
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = CAPABILITY_KERNELS.get(capability, "default")
+    generator = torch.Generator().manual_seed(5)
+    queries = (torch.randn(40, 128, generator=generator) * 10).bfloat16()
+    keys = torch.randn(300, 128, generator=generator).bfloat16()
+    reference = (queries.double() @ keys.double().T * 0.125).amax(dim=-1)
+    bound = logit_error(queries, keys, scaling=0.125)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not cpu_kernel(torch.bfloat16).endswith("_amx_bf16")
+        if expected == "avx512" and "avx512_bf16" in _cpu_flags():
+            assert cpu_kernel(torch.bfloat16) == "avx512_bf16"
+        maxima = logit_max(queries, keys, 0.125)
+    assert float((maxima.double() - reference).abs().max()) <= bound
+    assert float((logit_max(queries, keys, 0.125).double() - reference).abs().max()) <= bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -77,7 +77,8 @@ def shiftkv_scores(
     The torch backend computes everything in float64. The compiled op computes the logits by
     matrix multiplication with float32 accumulation, over blocks of query rows so extra memory
     stays O(n_groups * seq_len) per KV head: on the CPU its own GEMM kernels (float32 FMAs; for
-    bfloat16 inputs on CPUs with AVX512-BF16, bfloat16 dot products accumulating in float32, see
+    bfloat16 inputs on CPUs with AVX512-BF16, bfloat16 dot products accumulating in float32, and on
+    CPUs with AMX, AMX tiles through ATen's oneDNN brgemm, see
     :func:`mmshiftkv.ops.compiled.cpu_kernel`), compiled per ATen CPU capability and picked from
     ``torch.backends.cpu.get_cpu_capability()``; on CUDA cuBLAS through ATen (float16/bfloat16
     inputs on tensor cores with float32 output, float32 inputs in float32 unless TF32 is enabled

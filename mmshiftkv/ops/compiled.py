@@ -170,9 +170,11 @@ def cpu_kernel(dtype: torch.dtype) -> str | None:
     Returns
     -------
     str or None
-        ``"avx512_bf16"`` (AVX-512 kernel, bfloat16 logits GEMM with float32 accumulation: bfloat16
-        inputs on a CPU with AVX512-BF16), ``"avx512"``, ``"avx2"`` or ``"default"`` (float32 logits
-        GEMM); None without the extension.
+        ``"avx512_amx_bf16"`` (AVX-512 kernel, bfloat16 logits GEMM on AMX tiles through ATen's
+        oneDNN brgemm, float32 accumulation: bfloat16 inputs on a CPU with AMX while oneDNN is
+        enabled, ``torch.backends.mkldnn``), ``"avx512_bf16"`` (the same with AVX512-BF16 dot
+        products), ``"avx512"``, ``"avx2"`` or ``"default"`` (float32 logits GEMM); None without the
+        extension.
     """
     if _EXTENSION is None:
         return None

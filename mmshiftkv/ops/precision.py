@@ -9,16 +9,19 @@ The logits GEMM is, per device and input dtype:
   same float32 GEMM on the inputs converted to float32 (exactly);
 * CPU, bfloat16 inputs on a CPU with AVX512-BF16 (:func:`mmshiftkv.ops.compiled.cpu_kernel` says
   ``"avx512_bf16"``): bfloat16 dot products (VDPBF16PS) accumulating in float32;
+* CPU, bfloat16 inputs on a CPU with AMX (``"avx512_amx_bf16"``, while oneDNN is enabled): AMX tiles
+  (TDPBF16PS, through ATen's oneDNN brgemm) accumulating in float32, which like VDPBF16PS flush
+  subnormal inputs;
 * CUDA: cuBLAS with float32 accumulation (tensor cores for float16/bfloat16 inputs).
 
 A float16 or bfloat16 product is exact in float32, so the bfloat16 GEMM costs nothing in exactness
-over the float32 GEMM of the same inputs except that VDPBF16PS (and tensor cores) flush subnormal
+over the float32 GEMM of the same inputs except that VDPBF16PS, AMX tiles and tensor cores flush subnormal
 inputs and results to zero: at most ``head_dim * 2**-126 * (1 + max|q_i| + max|k_i|)`` per dot
 product, far below any mass that can decide a vote, and stated as an absolute term of
 :func:`logit_error`. The masses therefore carry the rounding of
 
 * a float32 dot product of length ``head_dim`` (``(head_dim + 2) * u * |q| * |k|`` at most,
-  doubled here for GPU tensor cores, whose float32 adders may truncate), the scaling, and the
+  doubled here for GPU tensor cores and AMX tiles, whose float32 adders may truncate), the scaling, and the
   subtraction of the row maximum, which move every probability by a factor within
   ``exp(+-2 * logit_error)``;
 * a float32 exp (CPU: within ``3.4 u``), the row sum (CPU: float32 pairs, then float64),
